@@ -1,0 +1,29 @@
+"""Layers, fusion and losses: tensor-in, tensor-out building blocks for PyG models."""
+
+from cm3_pyg.nn.conv import UserItemPropagation, propagate_item_graph
+from cm3_pyg.nn.fusion import SphericalBezierFusion, slerp
+from cm3_pyg.nn.losses import (
+    alignment_loss,
+    bpr_loss,
+    calibrated_uniformity_loss,
+    cosine_similarity_matrix,
+    pairwise_sq_distances,
+    uniformity_loss,
+)
+from cm3_pyg.nn.sparse import available_backends, spmm, to_adjacency
+
+__all__ = [
+    "SphericalBezierFusion",
+    "UserItemPropagation",
+    "alignment_loss",
+    "available_backends",
+    "bpr_loss",
+    "calibrated_uniformity_loss",
+    "cosine_similarity_matrix",
+    "pairwise_sq_distances",
+    "propagate_item_graph",
+    "slerp",
+    "spmm",
+    "to_adjacency",
+    "uniformity_loss",
+]

@@ -1,0 +1,147 @@
+r"""Fusion of modality representations on the unit sphere.
+
+:func:`slerp` interpolates along the great circle between two unit vectors, and
+:class:`SphericalBezierFusion` chains slerps (de Casteljau's algorithm) into a spherical
+Bezier curve through any number of modality "control points".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _angle(a: Tensor, b: Tensor) -> Tensor:
+    r"""Angle between unit rows, ``2 atan2(||a - b||, ||a + b||)``.
+
+    Unlike ``acos(a . b)`` this is accurate near 0 and near :math:`\pi`, and its gradient
+    stays finite there.
+    """
+    return 2.0 * torch.atan2((a - b).norm(dim=-1, keepdim=True), (a + b).norm(dim=-1, keepdim=True))
+
+
+def _orthogonal_direction(a: Tensor, b: Tensor) -> Tensor:
+    """A unit vector orthogonal to ``a`` in the plane of ``a`` and ``b``.
+
+    When ``b`` is (numerically) ``-a`` that plane is undefined; we then rotate towards the
+    coordinate axis least aligned with ``a`` so the path is still a great half-circle.
+    """
+    cos = (a * b).sum(dim=-1, keepdim=True)
+    r = b - cos * a
+    r_norm = r.norm(dim=-1, keepdim=True)
+    axis = F.one_hot(a.abs().argmin(dim=-1), a.size(-1)).to(a.dtype)
+    fallback = axis - (a * axis).sum(dim=-1, keepdim=True) * a
+    degenerate = r_norm < 1e-6
+    r = torch.where(degenerate, fallback, r)
+    return r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
+    r"""Spherical linear interpolation between unit rows.
+
+    .. math::
+        \mathrm{slerp}(a, b; t) = \frac{\sin((1-t)\theta)}{\sin\theta} a
+            + \frac{\sin(t\theta)}{\sin\theta} b, \qquad \theta = \angle(a, b)
+
+    Numerically stable over the whole range of angles and never NaN (values or
+    gradients): for :math:`\theta \le \pi/2` the coefficients are evaluated as ratios of
+    ``sinc`` (exact, smooth at :math:`\theta = 0` where slerp becomes linear
+    interpolation); for larger angles the equivalent form
+    :math:`\cos(t\theta) a + \sin(t\theta) u`, with :math:`u` the unit direction of
+    :math:`b` orthogonal to :math:`a`, avoids dividing by a vanishing
+    :math:`\sin\theta`. For exactly antipodal rows any great circle is a valid path; a
+    deterministic one is chosen.
+
+    Args:
+        a: ``[N, d]`` unit rows (``t = 0``).
+        b: ``[N, d]`` unit rows (``t = 1``).
+        t: scalar or tensor broadcastable to ``[N, 1]``.
+
+    Returns:
+        ``[N, d]`` unit rows.
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"slerp needs a and b of the same shape, got {list(a.shape)} and {list(b.shape)}"
+        )
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
+    if t.dim() == 1 and a.dim() == 2:
+        t = t.unsqueeze(-1)
+    theta = _angle(a, b)
+    # Form 1 (theta <= pi/2): sin(s*theta)/sin(theta) = s * sinc(s*theta/pi) / sinc(theta/pi).
+    # torch.sinc(x) = sin(pi x)/(pi x); the denominator is >= 2/pi on this branch.
+    near = theta <= math.pi / 2
+    theta_near = torch.where(near, theta, torch.zeros_like(theta))
+    denom = torch.sinc(theta_near / math.pi)
+    wa = (1 - t) * torch.sinc((1 - t) * theta_near / math.pi) / denom
+    wb = t * torch.sinc(t * theta_near / math.pi) / denom
+    out_near = wa * a + wb * b
+    # Form 2 (theta > pi/2): rotate a towards b by t*theta within their plane.
+    u = _orthogonal_direction(a, b)
+    out_far = torch.cos(t * theta) * a + torch.sin(t * theta) * u
+    return torch.where(near, out_near, out_far)
+
+
+class SphericalBezierFusion(torch.nn.Module):
+    r"""Fuse ``M`` modality representations with a spherical Bezier curve.
+
+    The ``M`` inputs are L2-normalised into control points :math:`P_0, \dots, P_{M-1}`
+    on the unit sphere and combined by de Casteljau's recursion of slerps:
+
+    .. math::
+        P_i^{(r)} = \mathrm{slerp}(P_i^{(r-1)}, P_{i+1}^{(r-1)}; t), \quad r = 1, \dots, M-1,
+
+    returning :math:`P_0^{(M-1)}`, which lies on the sphere. With ``M = 2`` this is a
+    single slerp; with ``M = 1`` the normalised input is returned.
+
+    In training mode ``t`` is drawn per row from :math:`\mathrm{Beta}(\alpha, \alpha)`
+    (a stochastic mixing that acts as augmentation); in evaluation mode ``t = 0.5`` (the
+    mean of that distribution), so inference is deterministic.
+
+    Args:
+        num_modalities: number of inputs ``M`` (>= 1).
+        alpha: concentration of the Beta distribution (> 0).
+
+    Shapes:
+        input: a sequence of ``M`` tensors ``[N, d]``; optional ``t`` ``[N, 1]``.
+        output: ``[N, d]`` unit rows.
+    """
+
+    def __init__(self, num_modalities: int, alpha: float = 0.5) -> None:
+        super().__init__()
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.num_modalities = num_modalities
+        self.alpha = float(alpha)
+
+    def reset_parameters(self) -> None:
+        """No learnable parameters; present for a uniform module interface."""
+
+    def sample_t(self, num_rows: int, like: Tensor) -> Tensor:
+        """The interpolation parameter for ``num_rows`` rows: random in training, 0.5 in eval."""
+        if not self.training:
+            return like.new_full((num_rows, 1), 0.5)
+        concentration = torch.tensor(self.alpha, dtype=like.dtype, device=like.device)
+        beta = torch.distributions.Beta(concentration, concentration)
+        return beta.sample((num_rows, 1))
+
+    def forward(self, xs: Sequence[Tensor], t: Tensor | None = None) -> Tensor:
+        if len(xs) != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modality tensors, got {len(xs)}")
+        points = [F.normalize(x, dim=-1) for x in xs]
+        if t is None:
+            t = self.sample_t(points[0].size(0), points[0])
+        while len(points) > 1:
+            points = [slerp(p, q, t) for p, q in zip(points[:-1], points[1:], strict=False)]
+        return points[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(num_modalities={self.num_modalities}, alpha={self.alpha})"
+        )

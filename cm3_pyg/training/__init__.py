@@ -1,0 +1,32 @@
+"""Training: configuration, negative sampling, the trainer loop and complete runs."""
+
+from cm3_pyg.training.config import load_config, parse_overrides, training_defaults
+from cm3_pyg.training.experiment import run_experiment
+from cm3_pyg.training.inputs import Splits, build_graph_inputs, get_splits
+from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
+from cm3_pyg.training.trainer import (
+    EarlyStopping,
+    EpochRecord,
+    FitResult,
+    NonFiniteLossError,
+    Trainer,
+    seed_everything,
+)
+
+__all__ = [
+    "EarlyStopping",
+    "EpochRecord",
+    "FitResult",
+    "NegativeSampler",
+    "NonFiniteLossError",
+    "Splits",
+    "Trainer",
+    "build_graph_inputs",
+    "epoch_batches",
+    "get_splits",
+    "load_config",
+    "parse_overrides",
+    "run_experiment",
+    "seed_everything",
+    "training_defaults",
+]

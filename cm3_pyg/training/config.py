@@ -1,0 +1,149 @@
+"""Configuration: training defaults <- model YAML <- user YAML file <- ``--set`` overrides.
+
+Keys use MMRec's names (``embedding_size``, ``n_ui_layers``, ``learning_rate``, ...). Every
+layer may only set keys the defaults know, with a value of a compatible type, so a typo
+fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cm3_pyg.errors import ConfigError
+
+TRAINING_DEFAULTS = Path(__file__).with_name("defaults.yaml")
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def training_defaults() -> dict[str, Any]:
+    """The shared training/evaluation defaults (``training/defaults.yaml``)."""
+    return _read_yaml(TRAINING_DEFAULTS)
+
+
+def _compatible(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(value: Any) -> str:
+    return "number" if isinstance(value, float) else type(value).__name__
+
+
+def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``base`` updated with ``layer``.
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming ``source``.
+    """
+    merged = dict(base)
+    for key, value in layer.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"{source}: unknown config key {key!r} (known keys: {known})")
+        if not _compatible(base[key], value):
+            raise ConfigError(
+                f"{source}: key {key!r} expects a {_type_name(base[key])} "
+                f"(like the default {base[key]!r}), got {value!r}"
+            )
+        if isinstance(base[key], float) and isinstance(value, int):
+            value = float(value)
+        merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are YAML (``3``, ``0.5``, ``[5, 10]``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def load_config(
+    model_defaults: Mapping[str, Any],
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The effective configuration of one run.
+
+    Args:
+        model_defaults: the model's YAML defaults (``Model.default_config()``); they may add
+            model-specific keys and override the training defaults.
+        config_file: optional user YAML file.
+        overrides: optional ``{key: value}`` (e.g. from :func:`parse_overrides`).
+    """
+    config = training_defaults()
+    config.update(model_defaults)
+    if config_file is not None:
+        config = merge_config(config, _read_yaml(config_file), str(config_file))
+    if overrides:
+        config = merge_config(config, overrides, "--set")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """Range checks that types alone cannot express."""
+    positive_ints = ("epochs", "train_batch_size", "eval_batch_size", "embedding_size", "knn_k")
+    for key in positive_ints:
+        if key in config and not (isinstance(config[key], int) and config[key] > 0):
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}")
+    if config.get("stopping_step", 0) < 0:
+        raise ConfigError(
+            f"config key 'stopping_step' must be >= 0, got {config['stopping_step']!r}"
+        )
+    if not config.get("learning_rate", 1.0) > 0:
+        raise ConfigError(
+            f"config key 'learning_rate' must be > 0, got {config['learning_rate']!r}"
+        )
+    topk = config.get("topk", [20])
+    if not topk or not all(isinstance(k, int) and k > 0 for k in topk):
+        raise ConfigError(f"config key 'topk' must be a list of positive integers, got {topk!r}")
+    metric = str(config.get("valid_metric", "recall@20")).lower()
+    name, _, k = metric.partition("@")
+    if name not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in topk:
+        raise ConfigError(
+            "config key 'valid_metric' must be <recall|ndcg|precision|map>@k "
+            f"with k in topk {topk}, "
+            f"got {config.get('valid_metric')!r}"
+        )

@@ -1,0 +1,67 @@
+"""Vectorised training batches with uniformly sampled negatives (MMRec's protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class NegativeSampler:
+    """One uniform negative per positive, from the items seen in training, excluding the
+    user's own training items.
+
+    Candidates are drawn for the whole batch at once; rows that hit one of the user's
+    items are redrawn (only those rows) until none is left. Membership is a binary search
+    in the sorted ``user * num_items + item`` keys of the training set.
+
+    Args:
+        train_edge_index: ``[2, E]`` (user, item) training interactions.
+        num_items: number of items ``I``.
+    """
+
+    def __init__(self, train_edge_index: Tensor, num_items: int) -> None:
+        users, items = train_edge_index.long()
+        self.num_items = num_items
+        self.keys = torch.unique(users * num_items + items)  # sorted
+        self.candidates = torch.unique(items)
+        degree = torch.bincount(torch.div(self.keys, num_items, rounding_mode="floor"))
+        if degree.numel() and int(degree.max()) >= self.candidates.numel():
+            user = int(torch.argmax(degree))
+            raise ValueError(
+                f"user {user} interacted with all {self.candidates.numel()} training items: "
+                "no negative item can be sampled for them"
+            )
+
+    def to(self, device: torch.device | str) -> NegativeSampler:
+        self.keys = self.keys.to(device)
+        self.candidates = self.candidates.to(device)
+        return self
+
+    def is_positive(self, users: Tensor, items: Tensor) -> Tensor:
+        """``[B]`` bool: whether each (user, item) is a training interaction."""
+        query = users * self.num_items + items
+        pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.numel() - 1)
+        return self.keys[pos] == query
+
+    def sample(self, users: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[B]`` negative item ids for the ``[B]`` users."""
+        n = self.candidates.numel()
+        draw = torch.randint(n, users.shape, generator=generator, device=users.device)
+        neg = self.candidates[draw]
+        bad = self.is_positive(users, neg).nonzero().flatten()
+        while bad.numel() > 0:
+            redraw = torch.randint(n, bad.shape, generator=generator, device=users.device)
+            neg[bad] = self.candidates[redraw]
+            still = self.is_positive(users[bad], neg[bad])
+            bad = bad[still]
+        return neg
+
+
+def epoch_batches(
+    num_rows: int, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[Tensor]:
+    """Row indices of one shuffled epoch, in batches of ``batch_size`` (the last may be smaller)."""
+    perm = torch.randperm(num_rows, generator=generator)
+    yield from perm.split(batch_size)

@@ -1,0 +1,160 @@
+"""slerp and SphericalBezierFusion against independent float64 formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cm3_pyg.nn import SphericalBezierFusion, slerp
+
+
+def unit(n: int, d: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+
+
+def textbook_slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The acos formula, valid away from 0 and pi (float64)."""
+    theta = torch.acos((a * b).sum(-1, keepdim=True).clamp(-1, 1))
+    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+
+
+def test_slerp_matches_textbook_formula():
+    a, b = unit(64, 16, 1), unit(64, 16, 2)
+    t = torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(slerp(a, b, t), textbook_slerp(a, b, t), atol=1e-12, rtol=1e-10)
+
+
+def test_slerp_float32_matches_float64():
+    a, b = unit(256, 32, 4), unit(256, 32, 5)
+    t = torch.rand(256, 1, dtype=torch.float64)
+    expected = textbook_slerp(a, b, t)
+    got = slerp(a.float(), b.float(), t.float()).double()
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+
+
+def test_slerp_endpoints_and_scalar_t():
+    a, b = unit(10, 8, 6), unit(10, 8, 7)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    torch.testing.assert_close(
+        slerp(a, b, torch.full((10,), 0.5, dtype=torch.float64)), slerp(a, b, 0.5)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slerp_degenerate_angles_finite_with_finite_gradients(dtype):
+    a = unit(6, 5, 8, dtype)
+    b = torch.stack(
+        [a[0], a[1] + 1e-7, -a[2], -a[3] + 1e-7, a[4] * 0 + unit(1, 5, 9, dtype)[0], a[5]]
+    )
+    b = F.normalize(b, dim=-1)
+    a = a.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    t = torch.tensor([[0.3], [0.5], [0.5], [0.25], [0.7], [1.0]], dtype=dtype)
+    out = slerp(a, b, t)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(6, dtype=dtype), atol=1e-5, rtol=0)
+    # identical inputs: the path is the point itself
+    torch.testing.assert_close(out[0], a[0].detach(), atol=1e-6, rtol=0)
+    # antipodal at t=0.5: a unit vector orthogonal to a
+    assert abs(float((out[2] * a[2]).sum().detach())) < 1e-5
+
+
+def test_slerp_reference_float32_quirk_is_fixed():
+    # The reference clamps cos at 1 - 1e-8, a no-op in float32, so identical rows give 0/0.
+    a = unit(4, 8, 10, torch.float32)
+    assert torch.isfinite(slerp(a, a.clone(), 0.3)).all()
+
+
+vectors = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=4, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, vectors, st.floats(0, 1))
+def test_slerp_properties(u, v, t):
+    a = torch.tensor([u], dtype=torch.float64)
+    b = torch.tensor([v], dtype=torch.float64)
+    if a.norm() < 1e-3 or b.norm() < 1e-3:
+        return
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    out = slerp(a, b, t)
+    assert torch.isfinite(out).all()
+    assert abs(float(out.norm()) - 1) < 1e-9
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    # symmetric at the midpoint (unless antipodal, where the path is a free choice)
+    if float((a * b).sum()) > -1 + 1e-6:
+        torch.testing.assert_close(slerp(a, b, 0.5), slerp(b, a, 0.5), atol=1e-9, rtol=0)
+    # constant angular speed: angle(a, out) = t * angle(a, b)
+    theta = math.acos(max(-1.0, min(1.0, float((a * b).sum()))))
+    moved = math.acos(max(-1.0, min(1.0, float((a * out).sum()))))
+    assert abs(moved - t * theta) < 1e-6
+
+
+def reference_two_modality_mix(
+    img: torch.Tensor, txt: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The reference CM3's mixing (enoche/CM3 forward), re-derived in float64.
+
+    The weight sin(t theta)/sin(theta) goes to the text projection and
+    sin((1-t) theta)/sin(theta) to the image projection.
+    """
+    v0, v1 = F.normalize(txt, dim=1), F.normalize(img, dim=1)
+    theta = torch.acos((v0 * v1).sum(1))
+    tt = t.squeeze(1)
+    a = (torch.sin(tt * theta) / torch.sin(theta)).unsqueeze(1)
+    b = (torch.sin((1 - tt) * theta) / torch.sin(theta)).unsqueeze(1)
+    return a * v0 + b * v1
+
+
+def test_two_modalities_reproduce_reference_slerp():
+    img, txt = torch.randn(50, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    t = torch.rand(50, 1, dtype=torch.float64)
+    fusion = SphericalBezierFusion(2, alpha=0.5)
+    torch.testing.assert_close(fusion([img, txt], t=t), reference_two_modality_mix(img, txt, t))
+
+
+def test_three_modalities_de_casteljau():
+    ps = [unit(30, 8, s) for s in (11, 12, 13)]
+    t = torch.rand(30, 1, dtype=torch.float64)
+    q0, q1 = textbook_slerp(ps[0], ps[1], t), textbook_slerp(ps[1], ps[2], t)
+    expected = textbook_slerp(q0, q1, t)
+    got = SphericalBezierFusion(3)([p * 3.0 for p in ps], t=t)  # scale must not matter
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(30, dtype=torch.float64))
+
+
+def test_fusion_modes():
+    xs = [torch.randn(40, 8) for _ in range(3)]
+    fusion = SphericalBezierFusion(3, alpha=0.5)
+    fusion.eval()
+    torch.testing.assert_close(fusion(xs), fusion(xs, t=torch.full((40, 1), 0.5)))
+    fusion.train()
+    torch.manual_seed(0)
+    t = fusion.sample_t(10000, xs[0])
+    assert t.min() >= 0 and t.max() <= 1
+    assert abs(float(t.mean()) - 0.5) < 0.02
+    # Beta(a, a) variance = 1 / (4 (2a + 1))
+    assert abs(float(t.var()) - 1 / (4 * 2)) < 0.01
+    one = SphericalBezierFusion(1)
+    torch.testing.assert_close(one([xs[0]]), F.normalize(xs[0], dim=-1))
+
+
+def test_fusion_validation_and_repr():
+    with pytest.raises(ValueError, match="num_modalities"):
+        SphericalBezierFusion(0)
+    with pytest.raises(ValueError, match="alpha"):
+        SphericalBezierFusion(2, alpha=0)
+    with pytest.raises(ValueError, match="expected 2"):
+        SphericalBezierFusion(2)([torch.randn(3, 4)])
+    assert (
+        repr(SphericalBezierFusion(3, 0.1)) == "SphericalBezierFusion(num_modalities=3, alpha=0.1)"
+    )

@@ -1,0 +1,166 @@
+"""Losses against brute-force float64 computations (pdist over explicit pairs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cm3_pyg.nn import (
+    alignment_loss,
+    bpr_loss,
+    calibrated_uniformity_loss,
+    cosine_similarity_matrix,
+    pairwise_sq_distances,
+    uniformity_loss,
+)
+
+
+def brute_uniformity(x: torch.Tensor, t: float) -> torch.Tensor:
+    n = x.size(0)
+    terms = [torch.exp(-t * (x[a] - x[b]).pow(2).sum()) for a in range(n) for b in range(a + 1, n)]
+    return torch.log(torch.stack(terms).mean())
+
+
+def brute_calibrated(x: torch.Tensor, sim: torch.Tensor, t: float) -> torch.Tensor:
+    n = x.size(0)
+    terms = [
+        torch.exp(-t * ((x[a] - x[b]).pow(2).sum() - 2 + 2 * sim[a, b]))
+        for a in range(n)
+        for b in range(a + 1, n)
+    ]
+    return torch.log(torch.stack(terms).mean())
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_uniformity_value_and_gradient(t):
+    x = unit(25, 6, 0).requires_grad_()
+    got = uniformity_loss(x, t)
+    expected = brute_uniformity(x, t)
+    torch.testing.assert_close(got, expected)
+    g1 = torch.autograd.grad(got, x)[0]
+    g2 = torch.autograd.grad(expected, x)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_uniformity_non_unit_rows_and_duplicates():
+    x = torch.randn(12, 4, dtype=torch.float64) * 3
+    x[5] = x[2]  # duplicate rows are a pair at distance 0
+    torch.testing.assert_close(uniformity_loss(x), brute_uniformity(x, 2.0))
+
+
+def test_calibrated_uniformity_value_and_gradients():
+    x = unit(20, 5, 1).requires_grad_()
+    feats = torch.randn(20, 7, dtype=torch.float64, requires_grad=True)
+    sim = cosine_similarity_matrix(feats, 0.0, 0.8)
+    got = calibrated_uniformity_loss(x, sim)
+    expected = brute_calibrated(x, sim, 2.0)
+    torch.testing.assert_close(got, expected)
+    ours = torch.autograd.grad(got, (x, feats), retain_graph=True)
+    for a, b in zip(ours, torch.autograd.grad(expected, (x, feats)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_only_upper_triangle_of_sim_is_read():
+    x = unit(10, 4, 2)
+    sim = torch.rand(10, 10, dtype=torch.float64)
+    garbage = sim.clone()
+    garbage.tril_(0).add_(torch.triu(sim, 1))  # same upper triangle, arbitrary lower part
+    garbage += torch.tril(torch.full_like(sim, 7.0))
+    torch.testing.assert_close(
+        calibrated_uniformity_loss(x, sim), calibrated_uniformity_loss(x, garbage)
+    )
+
+
+def test_cosine_similarity_matrix_clamped():
+    f = torch.randn(9, 3, dtype=torch.float64)
+    sim = cosine_similarity_matrix(f, 0.0, 0.5)
+    dense = F.cosine_similarity(f.unsqueeze(1), f.unsqueeze(0), dim=-1).clamp(0.0, 0.5)
+    torch.testing.assert_close(sim, dense)
+
+
+def test_pairwise_sq_distances_matches_cdist():
+    x = torch.randn(15, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        pairwise_sq_distances(x), torch.cdist(x, x).pow(2), atol=1e-10, rtol=0
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    s_min=st.floats(-1, 1),
+    width=st.floats(0, 1),
+    seed=st.integers(0, 10_000),
+)
+def test_calibrated_uniformity_bounds(n, s_min, width, seed):
+    s_max = min(1.0, s_min + width)
+    x = unit(n, 5, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sim = s_min + (s_max - s_min) * torch.rand(n, n, generator=g, dtype=torch.float64)
+    t = 2.0
+    unif = float(uniformity_loss(x, t))
+    cu = float(calibrated_uniformity_loss(x, sim, t))
+    assert unif + 2 * t * (1 - s_max) - 1e-9 <= cu <= unif + 2 * t * (1 - s_min) + 1e-9
+
+
+@pytest.mark.parametrize("c", [0.0, 0.3, 1.0])
+def test_calibrated_uniformity_constant_similarity(c):
+    x = unit(16, 4, 5)
+    sim = torch.full((16, 16), c, dtype=torch.float64)
+    torch.testing.assert_close(
+        calibrated_uniformity_loss(x, sim), uniformity_loss(x) + 2 * 2.0 * (1 - c)
+    )
+
+
+def test_extreme_scales_stay_finite():
+    # all rows identical (collapsed) and far apart rows: log-sum-exp keeps both finite
+    same = torch.ones(8, 4, dtype=torch.float32)
+    assert float(uniformity_loss(same)) == pytest.approx(0.0, abs=1e-6)
+    far = torch.eye(8, 8) * 1e4
+    value = uniformity_loss(far)
+    assert torch.isfinite(value)
+    assert float(value) == pytest.approx(-2.0 * 2e8, rel=1e-4)
+
+
+def test_single_row_batches_are_zero_and_differentiable():
+    x = torch.randn(1, 4, requires_grad=True)
+    loss = uniformity_loss(x) + calibrated_uniformity_loss(x, torch.ones(1, 1))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(x.grad, torch.zeros(1, 4))
+
+
+def test_alignment_and_bpr():
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    torch.testing.assert_close(alignment_loss(x, y), ((x - y).norm(dim=1) ** 2).mean())
+    torch.testing.assert_close(alignment_loss(x, y, alpha=1), (x - y).norm(dim=1).mean())
+    pos, neg = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    manual = (
+        -sum(
+            math.log(1 / (1 + math.exp(-(p - q))))
+            for p, q in zip(pos.tolist(), neg.tolist(), strict=True)
+        )
+        / 10
+    )
+    assert float(bpr_loss(pos, neg)) == pytest.approx(manual, rel=1e-12)
+    many = torch.randn(10, 4, dtype=torch.float64)
+    torch.testing.assert_close(bpr_loss(pos, many), -F.logsigmoid(pos.unsqueeze(1) - many).mean())
+    x.requires_grad_()
+    alignment_loss(x, x.detach()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        alignment_loss(torch.randn(3, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"sim must have shape \[3, 3\]"):
+        calibrated_uniformity_loss(torch.randn(3, 2), torch.randn(2, 2))
