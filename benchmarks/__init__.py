@@ -1,0 +1,1 @@
+"""Measurement suite (run as ``python -m benchmarks.<name>``)."""
