@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.bm3 import BM3, BM3Losses
+from cm3_pyg.models.bprmf import BPRMF
 from cm3_pyg.models.cm3 import CM3, CM3Output
+from cm3_pyg.models.freedom import FREEDOM
+from cm3_pyg.models.lightgcn import LightGCN
+from cm3_pyg.models.vbpr import VBPR
 
-MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (CM3,)}
+MODELS: dict[str, type[Recommender]] = {
+    cls.name: cls for cls in (CM3, BPRMF, LightGCN, VBPR, FREEDOM, BM3)
+}
 
 
 def get_model_class(name: str) -> type[Recommender]:
@@ -16,4 +23,17 @@ def get_model_class(name: str) -> type[Recommender]:
     return MODELS[key]
 
 
-__all__ = ["CM3", "CM3Output", "GraphInputs", "MODELS", "Recommender", "get_model_class"]
+__all__ = [
+    "BM3",
+    "BM3Losses",
+    "BPRMF",
+    "CM3",
+    "CM3Output",
+    "FREEDOM",
+    "GraphInputs",
+    "LightGCN",
+    "MODELS",
+    "Recommender",
+    "VBPR",
+    "get_model_class",
+]

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
@@ -17,6 +16,7 @@ from cm3_pyg.nn import (
     alignment_loss,
     calibrated_uniformity_loss,
     cosine_similarity_matrix,
+    normalize_rows,
     propagate_item_graph,
     uniformity_loss,
 )
@@ -178,7 +178,7 @@ class CM3(Recommender):
         item_channels.append(fused)
         x0 = torch.cat(
             [
-                F.normalize(torch.cat([self.user_embedding[c], item_channels[c]], dim=0), dim=-1)
+                normalize_rows(torch.cat([self.user_embedding[c], item_channels[c]], dim=0))
                 for c in range(self.num_channels)
             ],
             dim=-1,
@@ -193,9 +193,9 @@ class CM3(Recommender):
 
     def loss(self, out: CM3Output, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         """CM3's loss of one batch (see the class docstring); inputs are ``[B]`` index tensors."""
-        u = F.normalize(out.user[users], dim=-1)
-        i = F.normalize(out.item[pos_items], dim=-1)
-        j = F.normalize(out.item[neg_items], dim=-1)
+        u = normalize_rows(out.user[users])
+        i = normalize_rows(out.item[pos_items])
+        j = normalize_rows(out.item[neg_items])
         sim = cosine_similarity_matrix(out.fused[neg_items], self.min_sim, self.max_sim)
         uniform = uniformity_loss(u, self.temperature) + calibrated_uniformity_loss(
             j, sim, self.temperature

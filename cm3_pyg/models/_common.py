@@ -1,0 +1,111 @@
+"""Small helpers shared by the baseline models (not part of the public API)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter, ParameterList
+
+from cm3_pyg.nn.sparse import to_adjacency
+
+
+def embedding_norm_penalty(*embeddings: Tensor) -> Tensor:
+    r"""MMRec's ``EmbLoss``: :math:`\frac{1}{N}\sum_k \lVert E_k \rVert_F`.
+
+    The Frobenius norms are *not* squared, and the sum is divided by the number of rows
+    ``N`` of the last tensor (the batch size when the tensors are batch rows).
+    """
+    if not embeddings:
+        raise ValueError("embedding_norm_penalty needs at least one tensor")
+    total = sum(torch.linalg.vector_norm(e) for e in embeddings)
+    return total / embeddings[-1].size(0)
+
+
+def adjacency_backend(adj: Any) -> str:
+    """The :func:`~cm3_pyg.nn.to_adjacency` backend that produced ``adj``."""
+    return "csr" if isinstance(adj, Tensor) else "torch_sparse"
+
+
+def adjacency_coo(adj: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row, col, value)`` of a torch sparse (CSR/COO) tensor or a ``SparseTensor``."""
+    if isinstance(adj, Tensor):
+        if adj.layout == torch.sparse_csr:
+            crow = adj.crow_indices()
+            counts = crow[1:] - crow[:-1]
+            row = torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
+            return row, adj.col_indices(), adj.values()
+        if adj.is_sparse:
+            adj = adj.coalesce()
+            index = adj.indices()
+            return index[0], index[1], adj.values()
+        raise TypeError(f"expected a sparse adjacency, got a dense tensor of layout {adj.layout}")
+    row, col, value = adj.coo()
+    if value is None:
+        value = torch.ones(row.numel(), device=row.device)
+    return row, col, value
+
+
+def user_item_edges(ui_adj: Any, num_users: int) -> tuple[Tensor, Tensor]:
+    """The user-item block of a normalised ``[U + I, U + I]`` adjacency (users first).
+
+    Returns:
+        ``(edge_index [2, E], weight [E])`` with row = user id, col = item id (``0..I-1``)
+        and the stored normalised weights.
+    """
+    row, col, value = adjacency_coo(ui_adj)
+    mask = (row < num_users) & (col >= num_users)
+    return torch.stack([row[mask], col[mask] - num_users]), value[mask]
+
+
+def symmetric_bipartite_adjacency(
+    edge_index: Tensor, num_users: int, num_items: int, backend: str
+) -> Any:
+    r""":math:`D^{-1/2} A D^{-1/2}` over the ``U + I`` nodes for distinct (user, item) edges.
+
+    The degrees are those of the given edges only (used after pruning edges).
+    """
+    users, items = edge_index
+    deg_u = torch.bincount(users, minlength=num_users).to(torch.float32)
+    deg_i = torch.bincount(items, minlength=num_items).to(torch.float32)
+    weight = (deg_u[users] * deg_i[items]).rsqrt()
+    shifted = items + num_users
+    index = torch.stack([torch.cat([users, shifted]), torch.cat([shifted, users])])
+    return to_adjacency(index, torch.cat([weight, weight]), num_users + num_items, backend=backend)
+
+
+class FeatureOffsets(torch.nn.Module):
+    r"""Trainable per-item corrections of frozen raw features: :math:`x_m + \Delta_m`.
+
+    Several references fine-tune a trainable copy of each feature table
+    (``nn.Embedding.from_pretrained(x, freeze=False)``). A zero-initialised offset gives the
+    same optimisation trajectory (the gradient and every Adam update are identical) while
+    the module is built from sizes alone and the features stay an input of ``forward``.
+
+    Args:
+        num_items: ``I``.
+        feature_dims: ``[d_1, ..., d_M]``.
+        enabled: ``False`` keeps the features frozen (no parameters).
+    """
+
+    def __init__(self, num_items: int, feature_dims: Sequence[int], enabled: bool = True) -> None:
+        super().__init__()
+        self.enabled = enabled
+        self.offsets = ParameterList(
+            Parameter(torch.empty(num_items, int(d))) for d in (feature_dims if enabled else [])
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for offset in self.offsets:
+            torch.nn.init.zeros_(offset)
+
+    def forward(self, m: int, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Modality ``m``'s features ``x`` (all items, or those in ``rows``), corrected."""
+        if rows is not None:
+            x = x[rows]
+        if not self.enabled:
+            return x
+        return x + (self.offsets[m] if rows is None else self.offsets[m][rows])

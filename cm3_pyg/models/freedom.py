@@ -1,0 +1,268 @@
+r"""FREEDOM: freezing and denoising graph structures for multimodal recommendation.
+
+Zhou & Shen, ACM MM 2023 ("A Tale of Two Graphs").
+
+Reference followed: MMRec's ``FREEDOM`` (github.com/enoche/MMRec, ``src/models/freedom.py``,
+identical to github.com/enoche/FREEDOM):
+
+* the item-item graph is built once from the raw features and frozen (``GraphInputs.item_adj``:
+  per-modality cosine top-``knn_k`` graphs, :math:`d^{-1/2}` normalised, mixed with
+  ``mm_image_weight``);
+* before every epoch, degree-sensitive edge pruning keeps ``(1 - dropout) E`` training edges
+  drawn without replacement with probability proportional to
+  :math:`1/\sqrt{d_u d_i}`, and renormalises the kept graph;
+* LightGCN (mean of layers ``0..n_ui_layers``) over the pruned graph in training and the full
+  graph in evaluation, on free ID embeddings; items add :math:`S^{n} e_i` (``n_mm_layers``
+  steps of the frozen item graph over the item ID embeddings);
+* loss: BPR on the graph embeddings plus ``reg_weight`` times the sum over modalities of a
+  BPR loss between the graph user embedding and a linear projection of that modality's
+  features. As in the reference, ``reg_weight`` weighs these modality terms (the model has
+  no separate L2 penalty), and the raw features are fine-tuned (trainable copies).
+
+Deliberate deviations: any number ``M >= 1`` of modalities (the reference: image and/or
+text); the trainable feature copies are zero-initialised offsets added to the frozen
+features (same optimisation trajectory with Adam, see ``finetune_features``); the
+modality projections map to ``embedding_size`` (the reference's ``feat_embed_dim`` must
+equal it anyway for the dot product); because the trainer has no per-epoch hook, the
+pruned graph is redrawn whenever the training batches since the last draw have covered as
+many rows as there are training edges -- exactly once per epoch under
+:class:`~cm3_pyg.training.Trainer` -- or explicitly with :meth:`FREEDOM.resample_graph`;
+``compute_embeddings`` in training mode uses the current pruned graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Linear, ModuleList, Parameter
+
+from cm3_pyg.models._common import (
+    FeatureOffsets,
+    adjacency_backend,
+    symmetric_bipartite_adjacency,
+    user_item_edges,
+)
+from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.nn import UserItemPropagation, bpr_loss, spmm
+
+
+class FREEDOM(Recommender):
+    r"""FREEDOM over ``M >= 1`` modalities.
+
+    .. math::
+        [U; Q] = \mathrm{mean}_{l=0..L}\, \tilde A^{l} [P; E], \qquad
+        \mathbf{q}_i \leftarrow \mathbf{q}_i + (S^{n} E)_i, \qquad
+        \hat y_{ui} = \mathbf{u}_u^\top \mathbf{q}_i
+
+    with :math:`\tilde A` the pruned (training) or full (evaluation) normalised user-item
+    graph and :math:`S` the frozen item graph. Loss of users :math:`u`, positives :math:`i`,
+    negatives :math:`j`, with :math:`f_m = W_m x_m + b_m`:
+
+    .. math::
+        \mathcal{L} = \mathrm{BPR}(\mathbf{u}_u, \mathbf{q}_i, \mathbf{q}_j)
+        + \lambda \sum_m \mathrm{BPR}(\mathbf{u}_u, f_{m,i}, f_{m,j})
+
+    Args:
+        num_users: ``U``.
+        num_items: ``I``.
+        feature_dims: ``[d_1, ..., d_M]``.
+        embedding_dim: ``d``.
+        num_ui_layers: LightGCN layers ``L``.
+        num_mm_layers: item-graph steps ``n``.
+        dropout: fraction of training edges pruned each epoch, in ``[0, 1)``.
+        reg_weight: :math:`\lambda`, the weight of the modality BPR terms.
+        finetune_features: train per-item corrections of the raw features (the reference
+            fine-tunes them); ``False`` keeps them frozen.
+    """
+
+    name = "freedom"
+    min_modalities = 1
+    uses_item_graph = True
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        feature_dims: Sequence[int],
+        embedding_dim: int = 64,
+        num_ui_layers: int = 2,
+        num_mm_layers: int = 1,
+        dropout: float = 0.8,
+        reg_weight: float = 1e-4,
+        finetune_features: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(feature_dims) < 1:
+            raise ValueError("FREEDOM needs at least one item modality (feature_dims is empty)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if num_mm_layers < 0:
+            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
+        self.num_users = num_users
+        self.num_items = num_items
+        self.feature_dims = [int(d) for d in feature_dims]
+        self.num_modalities = len(self.feature_dims)
+        self.embedding_dim = embedding_dim
+        self.num_mm_layers = num_mm_layers
+        self.dropout = dropout
+        self.reg_weight = reg_weight
+        self.user_embedding = Parameter(torch.empty(num_users, embedding_dim))
+        self.item_embedding = Parameter(torch.empty(num_items, embedding_dim))
+        self.projections = ModuleList(Linear(d, embedding_dim) for d in self.feature_dims)
+        self.feature_offsets = FeatureOffsets(num_items, self.feature_dims, finetune_features)
+        self.propagation = UserItemPropagation(num_ui_layers, combine="mean")
+        # State of the degree-sensitive pruning (not parameters, not saved).
+        self._edges: tuple[Any, Tensor, Tensor] | None = None
+        self._train_adj: Any = None
+        self._rows_since_draw = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.xavier_uniform_(self.user_embedding)
+        torch.nn.init.xavier_uniform_(self.item_embedding)
+        for proj in self.projections:
+            proj.reset_parameters()  # the reference keeps PyTorch's default Linear init
+        self.feature_offsets.reset_parameters()
+        self._train_adj = None
+        self._rows_since_draw = 0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> FREEDOM:
+        return cls(
+            num_users=inputs.num_users,
+            num_items=inputs.num_items,
+            feature_dims=inputs.feature_dims,
+            embedding_dim=int(config["embedding_size"]),
+            num_ui_layers=int(config["n_ui_layers"]),
+            num_mm_layers=int(config["n_mm_layers"]),
+            dropout=float(config["dropout"]),
+            reg_weight=float(config["reg_weight"]),
+            finetune_features=bool(config["finetune_features"]),
+        )
+
+    # --- degree-sensitive edge pruning -------------------------------------------------
+
+    def _edge_list(self, ui_adj: Any) -> tuple[Tensor, Tensor]:
+        if self._edges is None or self._edges[0] is not ui_adj:
+            edges, weights = user_item_edges(ui_adj, self.num_users)
+            self._edges = (ui_adj, edges, weights)
+            self._train_adj = None
+        return self._edges[1], self._edges[2]
+
+    def prune_edges(self, ui_adj: Any) -> Any:
+        r"""A freshly pruned, renormalised ``[U + I, U + I]`` training adjacency.
+
+        Keeps :math:`\lfloor (1 - \mathrm{dropout}) E \rfloor` of the ``E`` edges of
+        ``ui_adj``, sampled without replacement with probability proportional to the
+        normalised weight :math:`1/\sqrt{d_u d_i}` (low-degree edges are kept more often),
+        then applies :math:`D^{-1/2} A D^{-1/2}` with the kept degrees.
+        """
+        edges, weights = self._edge_list(ui_adj)
+        keep = int(edges.size(1) * (1.0 - self.dropout))
+        if self.dropout <= 0.0 or keep >= edges.size(1):
+            return ui_adj
+        if keep == 0:
+            raise ValueError(
+                f"dropout {self.dropout} prunes every one of the {edges.size(1)} training edges"
+            )
+        chosen = torch.multinomial(weights, keep, replacement=False)
+        return symmetric_bipartite_adjacency(
+            edges[:, chosen], self.num_users, self.num_items, adjacency_backend(ui_adj)
+        )
+
+    def resample_graph(self, ui_adj: Any) -> Any:
+        """Draw the training graph of the next epoch (the reference's ``pre_epoch_processing``)."""
+        self._train_adj = self.prune_edges(ui_adj)
+        self._rows_since_draw = 0
+        return self._train_adj
+
+    def training_adjacency(self, ui_adj: Any, batch_rows: int = 0) -> Any:
+        """The current pruned graph; redrawn once ``num_edges`` batch rows have used it."""
+        if self.dropout <= 0.0:
+            return ui_adj
+        edges, _ = self._edge_list(ui_adj)
+        if self._train_adj is None or self._rows_since_draw >= edges.size(1):
+            self.resample_graph(ui_adj)
+        self._rows_since_draw += batch_rows
+        return self._train_adj
+
+    # --- model --------------------------------------------------------------------------
+
+    def forward(self, ui_adj: Any, item_adj: Any = None) -> tuple[Tensor, Tensor]:
+        """``(user [U, d], item [I, d])`` over the given user-item graph.
+
+        Args:
+            ui_adj: normalised ``[U + I, U + I]`` adjacency (pruned in training).
+            item_adj: the frozen ``[I, I]`` item graph, or ``None`` to skip that term.
+        """
+        x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
+        h = self.propagation(x0, ui_adj)
+        user, item = h[: self.num_users], h[self.num_users :]
+        if item_adj is not None and self.num_mm_layers > 0:
+            side = self.item_embedding
+            for _ in range(self.num_mm_layers):
+                side = spmm(item_adj, side)
+            item = item + side
+        return user, item
+
+    def modality_embeddings(self, features: Sequence[Tensor], items: Tensor) -> list[Tensor]:
+        """``M`` tensors ``[B, d]``: the projected (fine-tuned) features of ``items``."""
+        if len(features) != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
+        return [
+            proj(self.feature_offsets(m, x, items))
+            for m, (proj, x) in enumerate(zip(self.projections, features, strict=True))
+        ]
+
+    def loss(
+        self,
+        out: tuple[Tensor, Tensor],
+        features: Sequence[Tensor],
+        users: Tensor,
+        pos_items: Tensor,
+        neg_items: Tensor,
+    ) -> Tensor:
+        """FREEDOM's loss of one batch (see the class docstring)."""
+        user_emb, item_emb = out
+        u = user_emb[users]
+        total = bpr_loss((u * item_emb[pos_items]).sum(-1), (u * item_emb[neg_items]).sum(-1))
+        batch = self.modality_embeddings(features, torch.cat([pos_items, neg_items]))
+        for f in batch:
+            i, j = f.split(pos_items.numel())
+            total = total + self.reg_weight * bpr_loss((u * i).sum(-1), (u * j).sum(-1))
+        return total
+
+    def _item_graph(self, inputs: GraphInputs) -> Any:
+        if inputs.item_adj is None and self.num_mm_layers > 0:
+            raise ValueError(
+                "FREEDOM reads the modality item graph: build the inputs with "
+                "build_graph_inputs(..., uses_item_graph=True)"
+            )
+        return inputs.item_adj
+
+    def training_loss(
+        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
+    ) -> Tensor:
+        item_adj = self._item_graph(inputs)
+        ui_adj = inputs.ui_adj
+        if self.training:
+            ui_adj = self.training_adjacency(ui_adj, batch_rows=users.numel())
+        out = self(ui_adj, item_adj)
+        return self.loss(out, inputs.features, users, pos_items, neg_items)
+
+    def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
+        item_adj = self._item_graph(inputs)
+        ui_adj = self.training_adjacency(inputs.ui_adj) if self.training else inputs.ui_adj
+        return self(ui_adj, item_adj)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(num_users={self.num_users}, num_items={self.num_items}, "
+            f"feature_dims={self.feature_dims}, embedding_dim={self.embedding_dim}, "
+            f"num_ui_layers={self.propagation.num_layers}, num_mm_layers={self.num_mm_layers}, "
+            f"dropout={self.dropout}, reg_weight={self.reg_weight}, "
+            f"finetune_features={self.feature_offsets.enabled})"
+        )
