@@ -1,4 +1,8 @@
-"""Command-line training: ``python -m cm3_pyg.cli`` or ``examples/train_cm3.py``."""
+"""Command-line training: ``python -m cm3_pyg.cli`` or ``examples/train_cm3.py``.
+
+Exit codes: 0 success, 2 bad input (data, config, checkpoint), 3 training stopped on a
+NaN/Inf loss (``metrics.json`` then holds the best epoch before it).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cm3_pyg.data import MMRecDataset, make_synthetic
-from cm3_pyg.errors import CM3Error
+from cm3_pyg.errors import CM3Error, NonFiniteLossError
 from cm3_pyg.models import MODELS, get_model_class
 from cm3_pyg.training import load_config, parse_overrides, run_experiment
 
 DATA_ROOT_ENV = "CM3_DATA_ROOT"
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
 
 
 def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
@@ -52,6 +58,16 @@ def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=None, help="output folder (default: runs/<dataset>-<model>-seed<seed>)"
     )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help=(
+            "continue the run whose output folder is DIR from its checkpoint.pt (written after "
+            "every epoch); give the same data and settings as the original run (only --epochs "
+            "may change); outputs keep going to DIR"
+        ),
+    )
     parser.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     return parser
 
@@ -60,6 +76,7 @@ def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
     args = build_parser(default_model).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("cm3_pyg")
+    out: str | None = None
     try:
         model_cls = get_model_class(args.model)
         overrides = parse_overrides(args.overrides)
@@ -79,17 +96,36 @@ def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
                 name=args.dataset,
                 modalities=config.get("modalities"),
                 cache_dir=args.cache_dir,
+                duplicates=config["duplicate_interactions"],
             )
             data, name = dataset[0], args.dataset
         else:
             data, name = make_synthetic(), "synthetic"
-        out = args.out or os.path.join("runs", f"{name}-{model_cls.name}-seed{config['seed']}")
-        metrics = run_experiment(
-            data, args.model, config, out_dir=out, dataset_name=name, progress=not args.no_progress
+        if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise CM3Error(f"--resume {args.resume} writes into its own folder; drop --out")
+        out = (
+            args.resume
+            or args.out
+            or os.path.join("runs", f"{name}-{model_cls.name}-seed{config['seed']}")
         )
+        metrics = run_experiment(
+            data,
+            args.model,
+            config,
+            out_dir=out,
+            dataset_name=name,
+            progress=not args.no_progress,
+            resume=args.resume is not None,
+        )
+    except NonFiniteLossError as exc:
+        # Checked before CM3Error (its base class): a failed run, not bad input.
+        print(
+            f"error: {exc}; metrics.json in {out} holds the best epoch before it", file=sys.stderr
+        )
+        return EXIT_NON_FINITE_LOSS
     except CM3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     test, pop = metrics["test"], metrics["popularity"]["test"]
     log.info("best epoch %d of %d", metrics["best_epoch"], metrics["epochs_run"])
     for key in ("recall@20", "ndcg@20"):

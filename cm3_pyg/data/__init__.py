@@ -9,15 +9,26 @@ from cm3_pyg.data.graphs import (
     modality_weights,
 )
 from cm3_pyg.data.hetero import ITEM, RATED_BY, RATES, USER, build_hetero_data, split_edge_index
-from cm3_pyg.data.mmrec import Interactions, discover_modalities, load_features, read_interactions
+from cm3_pyg.data.mmrec import (
+    Interactions,
+    MMRecContents,
+    discover_modalities,
+    load_features,
+    read_interactions,
+    read_mmrec_folder,
+)
+from cm3_pyg.data.problems import Problem, ProblemLog
 from cm3_pyg.data.synthetic import make_synthetic, make_synthetic_arrays, write_mmrec_folder
 from cm3_pyg.data.transforms import ModalityKNNGraph
 
 __all__ = [
     "ITEM",
     "Interactions",
+    "MMRecContents",
     "MMRecDataset",
     "ModalityKNNGraph",
+    "Problem",
+    "ProblemLog",
     "RATED_BY",
     "RATES",
     "USER",
@@ -33,6 +44,7 @@ __all__ = [
     "make_synthetic_arrays",
     "modality_weights",
     "read_interactions",
+    "read_mmrec_folder",
     "split_edge_index",
     "write_mmrec_folder",
 ]

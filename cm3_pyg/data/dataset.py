@@ -1,10 +1,11 @@
 """``MMRecDataset``: an MMRec folder as a PyG ``InMemoryDataset`` with a fingerprinted cache.
 
 The processed file's name carries a sha256 fingerprint of everything that determines its
-content (input files' paths, sizes and mtimes, the modality list, :data:`FORMAT_VERSION`
-and the ``pre_transform``), so a stale cache is never reused and no manual
-``force_reload`` is needed after editing inputs. Caches are written atomically and a
-corrupt one is rebuilt on load.
+content (input files' paths, sizes and mtimes, the modality list, the duplicate policy,
+:data:`FORMAT_VERSION` and the ``pre_transform``), so a stale cache is never reused and no
+manual ``force_reload`` is needed after editing inputs. Caches are written atomically
+(temporary file + rename), read back with ``torch.load(weights_only=True)`` (never
+unpickling arbitrary objects), and a corrupt one is rebuilt on load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,17 +24,19 @@ from torch_geometric.data import HeteroData, InMemoryDataset
 
 from cm3_pyg.data.hetero import RATES, build_hetero_data
 from cm3_pyg.data.mmrec import (
+    DUPLICATE_POLICIES,
     discover_modalities,
     feature_path,
-    load_features,
-    read_interactions,
+    read_mmrec_folder,
 )
-from cm3_pyg.errors import DataFormatError
+from cm3_pyg.errors import ConfigError, DataFormatError
+from cm3_pyg.io import atomic_torch_save
 
 __all__ = ["FORMAT_VERSION", "MMRecDataset", "default_cache_dir"]
 
 #: Bump when the processed layout changes; part of the fingerprint, so old caches are ignored.
-FORMAT_VERSION = 1
+#: 2: duplicate (user, item) rows across splits are dropped (see ``check_interactions``).
+FORMAT_VERSION = 2
 CACHE_ENV = "CM3_CACHE_DIR"
 
 
@@ -80,9 +82,12 @@ class MMRecDataset(InMemoryDataset):
         transform: applied to the HeteroData on every access.
         pre_transform: applied once before caching (its repr is part of the fingerprint).
         force_reload: rebuild the cache even when a valid one exists.
+        duplicates: ``"warn"`` (drop repeated (user, item) rows with a
+            :class:`~cm3_pyg.errors.DataWarning`) or ``"error"`` (raise).
 
     Raises:
-        DataFormatError: a missing folder or input file, or malformed inputs.
+        DataFormatError: a missing folder or input file, or malformed inputs (every check
+            of :func:`~cm3_pyg.data.mmrec.read_mmrec_folder`).
     """
 
     def __init__(
@@ -94,7 +99,14 @@ class MMRecDataset(InMemoryDataset):
         transform: Callable[[HeteroData], HeteroData] | None = None,
         pre_transform: Callable[[HeteroData], HeteroData] | None = None,
         force_reload: bool = False,
+        duplicates: str = "warn",
     ) -> None:
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(
+                f"duplicate_interactions: expected one of {list(DUPLICATE_POLICIES)}, "
+                f"got {duplicates!r}"
+            )
+        self.duplicates = duplicates
         folder = Path(root).expanduser().resolve()
         if not folder.is_dir():
             raise DataFormatError(
@@ -157,6 +169,7 @@ class MMRecDataset(InMemoryDataset):
                 stat = os.stat(path)
                 h.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
             h.update(f"modalities={self.modalities!r}\n".encode())
+            h.update(f"duplicates={self.duplicates}\n".encode())
             h.update(f"pre_transform={_stable_repr(self.pre_transform)}\n".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -185,10 +198,12 @@ class MMRecDataset(InMemoryDataset):
 
     def process(self) -> None:
         target = self.processed_paths[0]  # fixes the fingerprint before any input is read
-        inter = read_interactions(self.raw_paths[0])
-        num_items = int(inter.items.max()) + 1
-        features = load_features(self._folder, self.modalities, num_items=num_items)
-        data = build_hetero_data(inter.users, inter.items, inter.labels, features)
+        contents = read_mmrec_folder(
+            self._folder, self.name, self.modalities, duplicates=self.duplicates
+        )
+        assert contents is not None  # the default (fail-fast) log raises instead
+        inter = contents.interactions
+        data = build_hetero_data(inter.users, inter.items, inter.labels, contents.features)
         if self.pre_transform is not None:
             data = self.pre_transform(data)
         self._atomic_save(data, target)
@@ -196,28 +211,19 @@ class MMRecDataset(InMemoryDataset):
     def _atomic_save(self, data: HeteroData, path: str) -> None:
         """Write in PyG's ``InMemoryDataset.save`` format via a temp file + ``os.replace``."""
         collated, slices = self.collate([data])
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save((collated.to_dict(), slices, collated.__class__), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save((collated.to_dict(), slices, collated.__class__), path)
 
     # ------------------------------------------------------------------ loading
     def _load_checked(self, path: str) -> None:
-        self.load(path, data_cls=HeteroData)
-        data = self._data
-        if (
-            not isinstance(data, HeteroData)
-            or not isinstance(getattr(data, "modalities", None), list)
-            or RATES not in data.edge_types
-        ):
+        # PyG's own loader retries with weights_only=False (full unpickling) when the safe
+        # load fails; the cache sits in a user-writable folder, so never do that.
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], dict)):
             raise DataFormatError(f"{path}: processed cache does not hold an MMRec HeteroData")
+        data = HeteroData.from_dict(loaded[0])
+        if not isinstance(getattr(data, "modalities", None), list) or RATES not in data.edge_types:
+            raise DataFormatError(f"{path}: processed cache does not hold an MMRec HeteroData")
+        self.data, self.slices = data, loaded[1]
 
     def _load_or_rebuild(self) -> None:
         path = self.processed_paths[0]

@@ -1,6 +1,7 @@
 """Layers, fusion and losses: tensor-in, tensor-out building blocks for PyG models."""
 
 from cm3_pyg.nn.conv import UserItemPropagation, propagate_item_graph
+from cm3_pyg.nn.functional import normalize_rows
 from cm3_pyg.nn.fusion import SphericalBezierFusion, slerp
 from cm3_pyg.nn.losses import (
     alignment_loss,
@@ -20,6 +21,7 @@ __all__ = [
     "bpr_loss",
     "calibrated_uniformity_loss",
     "cosine_similarity_matrix",
+    "normalize_rows",
     "pairwise_sq_distances",
     "propagate_item_graph",
     "slerp",

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm3_pyg.nn.functional import normalize_rows
+
 
 def _angle(a: Tensor, b: Tensor) -> Tensor:
     r"""Angle between unit rows, ``2 atan2(||a - b||, ||a + b||)``.
@@ -56,13 +58,17 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
     :math:`\sin\theta`. For exactly antipodal rows any great circle is a valid path; a
     deterministic one is chosen.
 
+    A zero row has no direction (e.g. a modality without signal for an item): the
+    interpolation then stays at the other endpoint for every ``t``, so fusion ignores
+    that control point; two zero rows give a zero row.
+
     Args:
-        a: ``[N, d]`` unit rows (``t = 0``).
-        b: ``[N, d]`` unit rows (``t = 1``).
+        a: ``[N, d]`` unit (or zero) rows (``t = 0``).
+        b: ``[N, d]`` unit (or zero) rows (``t = 1``).
         t: scalar or tensor broadcastable to ``[N, 1]``.
 
     Returns:
-        ``[N, d]`` unit rows.
+        ``[N, d]`` unit rows (zero where both inputs are zero).
     """
     if a.shape != b.shape:
         raise ValueError(
@@ -83,13 +89,18 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
     # Form 2 (theta > pi/2): rotate a towards b by t*theta within their plane.
     u = _orthogonal_direction(a, b)
     out_far = torch.cos(t * theta) * a + torch.sin(t * theta) * u
-    return torch.where(near, out_near, out_far)
+    out = torch.where(near, out_near, out_far)
+    # Always applied (no data-dependent branch, so no device sync on GPU).
+    a_zero = (a == 0).all(dim=-1, keepdim=True)
+    b_zero = (b == 0).all(dim=-1, keepdim=True)
+    return torch.where(a_zero, b, torch.where(b_zero, a, out))
 
 
 class SphericalBezierFusion(torch.nn.Module):
     r"""Fuse ``M`` modality representations with a spherical Bezier curve.
 
-    The ``M`` inputs are L2-normalised into control points :math:`P_0, \dots, P_{M-1}`
+    The ``M`` inputs are L2-normalised (at any scale, see
+    :func:`~cm3_pyg.nn.functional.normalize_rows`) into control points :math:`P_0, \dots, P_{M-1}`
     on the unit sphere and combined by de Casteljau's recursion of slerps:
 
     .. math::
@@ -134,7 +145,7 @@ class SphericalBezierFusion(torch.nn.Module):
     def forward(self, xs: Sequence[Tensor], t: Tensor | None = None) -> Tensor:
         if len(xs) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} modality tensors, got {len(xs)}")
-        points = [F.normalize(x, dim=-1) for x in xs]
+        points = [normalize_rows(x) for x in xs]  # exact at any feature scale
         if t is None:
             t = self.sample_t(points[0].size(0), points[0])
         while len(points) > 1:

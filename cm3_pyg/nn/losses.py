@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from cm3_pyg.nn.functional import normalize_rows
+
 
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     r"""Alignment of positive pairs, :math:`\frac{1}{N}\sum_n \|x_n - y_n\|_2^{\alpha}`.
@@ -45,8 +47,11 @@ def pairwise_sq_distances(x: Tensor) -> Tensor:
 def cosine_similarity_matrix(
     x: Tensor, min_sim: float | None = None, max_sim: float | None = None
 ) -> Tensor:
-    r"""``[N, N]`` cosine similarities of the rows of ``x``, optionally clamped."""
-    xn = F.normalize(x, dim=-1)
+    r"""``[N, N]`` cosine similarities of the rows of ``x``, optionally clamped.
+
+    Exact at any row scale; a zero row has similarity 0 to every row.
+    """
+    xn = normalize_rows(x)
     sim = xn @ xn.t()
     if min_sim is not None or max_sim is not None:
         sim = sim.clamp(min=min_sim, max=max_sim)

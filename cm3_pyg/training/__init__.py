@@ -1,5 +1,7 @@
 """Training: configuration, negative sampling, the trainer loop and complete runs."""
 
+from cm3_pyg.io import atomic_torch_save
+from cm3_pyg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cm3_pyg.training.config import load_config, parse_overrides, training_defaults
 from cm3_pyg.training.experiment import run_experiment
 from cm3_pyg.training.inputs import Splits, build_graph_inputs, get_splits
@@ -14,6 +16,7 @@ from cm3_pyg.training.trainer import (
 )
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "EarlyStopping",
     "EpochRecord",
     "FitResult",
@@ -21,12 +24,15 @@ __all__ = [
     "NonFiniteLossError",
     "Splits",
     "Trainer",
+    "atomic_torch_save",
     "build_graph_inputs",
     "epoch_batches",
     "get_splits",
+    "load_checkpoint",
     "load_config",
     "parse_overrides",
     "run_experiment",
+    "save_checkpoint",
     "seed_everything",
     "training_defaults",
 ]

@@ -7,15 +7,20 @@ fails loudly instead of being ignored.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cm3_pyg.errors import ConfigError
+from cm3_pyg.nn.sparse import resolve_backend
 
 TRAINING_DEFAULTS = Path(__file__).with_name("defaults.yaml")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
@@ -73,6 +78,9 @@ def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str)
         if key not in base:
             known = ", ".join(sorted(base))
             raise ConfigError(f"{source}: unknown config key {key!r} (known keys: {known})")
+        if isinstance(base[key], float) and isinstance(value, str) and _FLOAT.fullmatch(value):
+            # YAML 1.1 reads "1e-3" (no dot, no exponent sign) as a string; accept it.
+            value = float(value)
         if not _compatible(base[key], value):
             raise ConfigError(
                 f"{source}: key {key!r} expects a {_type_name(base[key])} "
@@ -124,6 +132,19 @@ def load_config(
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Range checks that types alone cannot express."""
+    for key, value in config.items():
+        # YAML spells NaN/Inf as .nan/.inf; no key accepts them.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    modalities = config.get("modalities")
+    if modalities is not None and (
+        not isinstance(modalities, list)
+        or not all(isinstance(m, str) and m for m in modalities)
+        or len(set(modalities)) != len(modalities)
+    ):
+        raise ConfigError(
+            f"config key 'modalities' must be null or a list of distinct names, got {modalities!r}"
+        )
     positive_ints = ("epochs", "train_batch_size", "eval_batch_size", "embedding_size", "knn_k")
     for key in positive_ints:
         if key in config and not (isinstance(config[key], int) and config[key] > 0):
@@ -135,6 +156,21 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if not config.get("learning_rate", 1.0) > 0:
         raise ConfigError(
             f"config key 'learning_rate' must be > 0, got {config['learning_rate']!r}"
+        )
+    try:
+        resolve_backend(str(config.get("sparse_backend", "auto")))
+    except ValueError as exc:
+        raise ConfigError(f"config key 'sparse_backend': {exc}") from None
+    try:
+        device = torch.device(str(config.get("device", "cpu")))
+    except RuntimeError as exc:
+        raise ConfigError(f"config key 'device': {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' is {str(device)!r} but CUDA is not available")
+    duplicates = config.get("duplicate_interactions", "warn")
+    if duplicates not in ("warn", "error"):
+        raise ConfigError(
+            f"config key 'duplicate_interactions' must be 'warn' or 'error', got {duplicates!r}"
         )
     topk = config.get("topk", [20])
     if not topk or not all(isinstance(k, int) and k > 0 for k in topk):

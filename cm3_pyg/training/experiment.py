@@ -1,66 +1,83 @@
-"""One complete run: data -> graph inputs -> model -> training -> metrics files."""
+"""One complete run: data -> graph inputs -> model -> training -> metrics files.
+
+With an output folder the run is crash-safe: a checkpoint is written atomically after every
+epoch (``checkpoint.pt``), ``resume=True`` continues from it (bit-identically on CPU), and
+a NaN/Inf loss still leaves ``metrics.json`` with the best metrics so far.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch_geometric.data import HeteroData
 
+from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
+from cm3_pyg.io import atomic_write_text
 from cm3_pyg.metrics import FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
+from cm3_pyg.training.checkpoint import (
+    CHECKPOINT_NAME,
+    check_resumable,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
-from cm3_pyg.training.trainer import EpochRecord, FitResult, Trainer, seed_everything
+from cm3_pyg.training.trainer import (
+    EpochRecord,
+    FaultInjector,
+    FitResult,
+    Trainer,
+    seed_everything,
+)
+
+__all__ = ["EpochCSV", "atomic_write_text", "popularity_baseline", "run_experiment"]
 
 logger = logging.getLogger("cm3_pyg")
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class EpochCSV:
-    """Per-epoch log (``epochs.csv``), one flushed row per epoch."""
+    """Per-epoch log (``epochs.csv``), one flushed row per epoch.
 
-    def __init__(self, path: Path, metric_keys: list[str]) -> None:
+    Created with the ``history`` of a resumed run, it rewrites the file (atomically) with
+    exactly those epochs first, so rows of epochs that are redone after a crash never
+    appear twice.
+    """
+
+    def __init__(
+        self, path: Path, metric_keys: list[str], history: Sequence[EpochRecord] = ()
+    ) -> None:
         self.path = path
         self.metric_keys = metric_keys
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerow(
-                ["epoch", "train_loss", "train_seconds", "eval_seconds", "improved"]
-                + [f"valid_{k}" for k in metric_keys]
-            )
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(
+            ["epoch", "train_loss", "train_seconds", "eval_seconds", "improved"]
+            + [f"valid_{k}" for k in metric_keys]
+        )
+        for record in history:
+            writer.writerow(self._row(record))
+        atomic_write_text(path, buffer.getvalue())
+
+    def _row(self, record: EpochRecord) -> list[Any]:
+        return [
+            record.epoch,
+            f"{record.train_loss:.6f}",
+            f"{record.train_seconds:.4f}",
+            f"{record.eval_seconds:.4f}",
+            int(record.improved),
+        ] + [f"{record.valid[k]:.6f}" for k in self.metric_keys]
 
     def __call__(self, record: EpochRecord) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerow(
-                [
-                    record.epoch,
-                    f"{record.train_loss:.6f}",
-                    f"{record.train_seconds:.4f}",
-                    f"{record.eval_seconds:.4f}",
-                    int(record.improved),
-                ]
-                + [f"{record.valid[k]:.6f}" for k in self.metric_keys]
-            )
+            csv.writer(fh).writerow(self._row(record))
 
 
 def popularity_baseline(data: HeteroData, config: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -75,6 +92,13 @@ def popularity_baseline(data: HeteroData, config: dict[str, Any]) -> dict[str, d
     return out
 
 
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary files a killed run left behind (see :func:`cm3_pyg.io.atomic_write`)."""
+    for name in (CHECKPOINT_NAME, "metrics.json", "epochs.csv"):
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def run_experiment(
     data: HeteroData,
     model_name: str,
@@ -82,19 +106,41 @@ def run_experiment(
     out_dir: str | os.PathLike[str] | None = None,
     dataset_name: str = "synthetic",
     progress: bool = True,
+    resume: bool = False,
+    checkpoint: bool = True,
+    fault_injector: FaultInjector | None = None,
 ) -> dict[str, Any]:
     """Train ``model_name`` on ``data`` with ``config``; write ``metrics.json`` and ``epochs.csv``.
 
     Returns the content of ``metrics.json``: ``dataset``, ``model``, ``config``,
-    ``best_epoch`` (1-based), ``epochs_run``, ``valid`` and ``test`` (at the best validation
-    epoch), ``epoch_seconds`` (training time of each epoch), and the ``popularity``
-    baseline's valid/test metrics on the same split.
+    ``best_epoch`` (1-based), ``epochs_run``, ``stop_reason`` (``completed``,
+    ``early_stopping`` or ``non_finite_loss``), ``valid`` and ``test`` (at the best
+    validation epoch), ``epoch_seconds`` (training time of each epoch), and the
+    ``popularity`` baseline's valid/test metrics on the same split.
+
+    Args:
+        data: the dataset (layout of ``docs/architecture.md``).
+        model_name: a registered model.
+        config: the full configuration (:func:`~cm3_pyg.training.load_config`).
+        out_dir: where ``metrics.json``, ``epochs.csv`` and ``checkpoint.pt`` go.
+        dataset_name: recorded in the outputs (and checked on resume).
+        progress: per-epoch progress bars.
+        resume: continue from ``out_dir/checkpoint.pt``; the checkpoint must come from the
+            same model, dataset, data and configuration (``epochs`` may differ).
+        checkpoint: write ``out_dir/checkpoint.pt`` after every epoch (needs ``out_dir``).
+        fault_injector: test hook passed to :class:`~cm3_pyg.training.Trainer`.
+
+    Raises:
+        CheckpointError: ``resume`` without a usable, matching checkpoint.
+        NonFiniteLossError: a NaN/Inf loss; ``metrics.json`` is written first (best metrics
+            so far, ``stop_reason: non_finite_loss``) and the checkpoint of the last
+            completed epoch is left intact.
     """
     model_cls = get_model_class(model_name)
     seed_everything(int(config["seed"]))
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
     if len(inputs.features) < model_cls.min_modalities:
-        raise ValueError(
+        raise ConfigError(
             f"model {model_name!r} needs at least {model_cls.min_modalities} item modalities, "
             f"the data has {inputs.modalities}"
         )
@@ -107,16 +153,73 @@ def run_experiment(
         inputs.num_items,
         inputs.modalities,
     )
+    splits = get_splits(data)
     out_path = Path(out_dir) if out_dir is not None else None
-    callback = None
+    if resume and out_path is None:
+        raise CheckpointError("resume needs the output folder holding the run's checkpoint")
+    ckpt_path = out_path / CHECKPOINT_NAME if out_path is not None else None
+    if out_path is not None and out_path.is_dir():
+        _remove_stale_temporaries(out_path)
+    fingerprint = data_fingerprint(inputs, splits) if ckpt_path is not None else ""
+    saved = None
+    if resume:
+        assert ckpt_path is not None
+        saved = load_checkpoint(ckpt_path)
+        check_resumable(
+            saved,
+            ckpt_path,
+            model=model_cls.name,
+            dataset=dataset_name,
+            config=config,
+            data_fingerprint=fingerprint,
+        )
+
+    def save(trainer_state: dict[str, Any]) -> None:
+        assert ckpt_path is not None
+        save_checkpoint(
+            ckpt_path,
+            model=model_cls.name,
+            dataset=dataset_name,
+            config=config,
+            data_fingerprint=fingerprint,
+            trainer=trainer_state,
+        )
+
+    trainer = Trainer(
+        model,
+        inputs,
+        splits,
+        config,
+        progress=progress,
+        checkpoint=save if checkpoint and ckpt_path is not None else None,
+        fault_injector=fault_injector,
+    )
+    if saved is not None:
+        try:
+            trainer.load_state_dict(saved["trainer"])
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"{ckpt_path}: the saved trainer state does not fit this run "
+                f"({type(exc).__name__}: {reason})"
+            ) from None
+        logger.info("resuming %s after epoch %d", ckpt_path, trainer.epoch)
+    elif checkpoint and ckpt_path is not None and ckpt_path.exists():
+        # A fresh run must never be resumable into a mix with an older run's state.
+        logger.warning("%s: removing the checkpoint of an earlier run (fresh start)", ckpt_path)
+        ckpt_path.unlink()
     if out_path is not None:
         keys = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in config["topk"]]
-        callback = EpochCSV(out_path / "epochs.csv", keys)
-    trainer = Trainer(
-        model, inputs, get_splits(data), config, on_epoch_end=callback, progress=progress
-    )
-    result: FitResult = trainer.fit()
-    metrics = {
+        trainer.on_epoch_end = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
+
+    failure: NonFiniteLossError | None = None
+    try:
+        result: FitResult = trainer.fit()
+    except NonFiniteLossError as exc:
+        failure = exc
+        result = trainer.result(stop_reason="non_finite_loss")
+        logger.error("%s; reporting the best epoch before it", exc)
+    metrics: dict[str, Any] = {
         "dataset": dataset_name,
         "model": model_cls.name,
         "config": config,
@@ -124,11 +227,24 @@ def run_experiment(
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
+        "stop_reason": result.stop_reason,
+        "resumed_from_epoch": None if saved is None else int(saved["trainer"]["epoch"]),
         "valid": result.valid,
         "test": result.test,
         "epoch_seconds": result.epoch_seconds,
         "popularity": popularity_baseline(data, config),
     }
+    if failure is not None:
+        metrics["error"] = str(failure)
+        # The value as a string: JSON has no NaN/Infinity.
+        metrics["non_finite_loss"] = {
+            "epoch": failure.epoch,
+            "batch": failure.batch,
+            "num_batches": failure.num_batches,
+            "value": str(failure.value),
+        }
     if out_path is not None:
         atomic_write_text(out_path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if failure is not None:
+        raise failure
     return metrics

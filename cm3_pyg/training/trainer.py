@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,21 +14,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cm3_pyg.errors import DataFormatError, NonFiniteLossError
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
 from cm3_pyg.training.inputs import Splits
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
 
 logger = logging.getLogger("cm3_pyg")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when a batch's loss is NaN or infinite."""
+__all__ = [
+    "EarlyStopping",
+    "EpochRecord",
+    "FaultInjector",
+    "FitResult",
+    "NonFiniteLossError",
+    "Trainer",
+    "seed_everything",
+]
 
-    def __init__(self, epoch: int, batch: int, value: float) -> None:
-        super().__init__(f"loss is {value} at epoch {epoch}, batch {batch}: training stopped")
-        self.epoch = epoch
-        self.batch = batch
+#: ``(epoch, batch, loss) -> loss``: a test hook that may replace a batch's loss.
+FaultInjector = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +68,8 @@ class FitResult:
     epoch_seconds: list[float]
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
+    #: Why training ended: "completed" (all epochs), "early_stopping" or "non_finite_loss".
+    stop_reason: str = "completed"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +92,14 @@ class EarlyStopping:
         self.bad_epochs += 1
         return False, self.bad_epochs > self.patience
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+
 
 class Trainer:
     """Train a :class:`~cm3_pyg.models.Recommender` with full-ranking early stopping.
@@ -93,13 +110,27 @@ class Trainer:
     validation split; whenever ``valid_metric`` improves the test split is evaluated too,
     so the reported test metrics are those of the best validation epoch.
 
+    Resumable: :meth:`state_dict` holds everything the remaining epochs depend on (model,
+    optimizer, every RNG state including the trainer's own generator, early stopping, best
+    metrics, history), so ``load_state_dict`` followed by :meth:`fit` continues exactly
+    where the saved run was (bit-identical on CPU). With ``checkpoint`` set, that state is
+    saved after every epoch (see :mod:`cm3_pyg.training.checkpoint`).
+
     Args:
         model: the recommender.
         inputs: its graph inputs.
-        splits: train/valid/test edge indices.
+        splits: train/valid/test edge indices (valid and test must be non-empty).
         config: the run's configuration (see ``training/defaults.yaml``).
         on_epoch_end: optional callback receiving each :class:`EpochRecord`.
         progress: show a tqdm bar per epoch.
+        checkpoint: optional ``save(trainer_state)`` callable run after every epoch (before
+            ``on_epoch_end``), e.g. a :func:`~cm3_pyg.training.checkpoint.save_checkpoint`
+            partial.
+        fault_injector: for tests only: ``(epoch, batch, loss) -> loss`` is applied to every
+            batch's loss (1-based epoch and batch), e.g. to inject a NaN.
+
+    Raises:
+        DataFormatError: an empty validation or test split.
     """
 
     def __init__(
@@ -110,7 +141,15 @@ class Trainer:
         config: dict[str, Any],
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
         progress: bool = True,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        fault_injector: FaultInjector | None = None,
     ) -> None:
+        for name, edges in (("valid", splits.valid), ("test", splits.test)):
+            if edges.numel() == 0:
+                raise DataFormatError(
+                    f"the {name} split is empty; expected at least one (user, item) pair to "
+                    f"evaluate on (MMRec keeps only {name} rows of users with a train row)"
+                )
         self.config = config
         self.device = torch.device(config.get("device", "cpu"))
         self.model = model.to(self.device)
@@ -118,6 +157,8 @@ class Trainer:
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
         self.progress = progress
+        self.checkpoint = checkpoint
+        self.fault_injector = fault_injector
         self.ks = tuple(config["topk"])
         self.valid_metric = str(config["valid_metric"]).lower()
         self.optimizer = torch.optim.Adam(
@@ -136,9 +177,56 @@ class Trainer:
         )
         # A dedicated generator makes batch order and negatives depend on the seed only.
         self.generator = torch.Generator(device=self.device).manual_seed(int(config["seed"]))
+        # Progress of fit(); all of it is part of state_dict().
+        self.epoch = 0  # last completed epoch (1-based)
+        self.stopper = EarlyStopping(int(config["stopping_step"]))
+        self.history: list[EpochRecord] = []
+        self.best_valid: dict[str, float] = {}
+        self.best_test: dict[str, float] = {}
+        self.stopped_early = False
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`fit` needs to continue after the last completed epoch."""
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": capture_rng_state(),
+            "early_stopping": self.stopper.state_dict(),
+            "best_valid": dict(self.best_valid),
+            "best_test": dict(self.best_test),
+            "history": [asdict(r) for r in self.history],
+            "stopped_early": self.stopped_early,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (including the global RNG states).
+
+        Raises:
+            KeyError, RuntimeError, ValueError, TypeError: a state that does not fit this
+                trainer's model/optimizer (callers name the file, see ``run_experiment``).
+        """
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        restore_rng_state(state["rng"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.epoch = int(state["epoch"])
+        self.best_valid = dict(state["best_valid"])
+        self.best_test = dict(state["best_test"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.stopped_early = bool(state["stopped_early"])
+
+    # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int) -> float:
-        """One pass over the training interactions; returns the mean batch loss."""
+        """One pass over the training interactions; returns the mean batch loss.
+
+        Raises:
+            NonFiniteLossError: a batch's loss is NaN or infinite (checked before the
+                optimizer step, so that batch never updates the model).
+        """
         self.model.train()
         train = self.splits.train
         batch_size = int(self.config["train_batch_size"])
@@ -152,13 +240,16 @@ class Trainer:
             leave=False,
             disable=not self.progress,
         )
-        for batch_idx, rows in enumerate(bar):
+        for batch_idx, rows in enumerate(bar, start=1):
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
             neg = self.sampler.sample(users, self.generator)
             loss = self.model.training_loss(self.inputs, users, pos, neg)
+            if self.fault_injector is not None:
+                loss = self.fault_injector(epoch, batch_idx, loss)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(epoch, batch_idx, float(loss))
+                bar.close()
+                raise NonFiniteLossError(epoch, batch_idx, num_batches, float(loss.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -172,26 +263,33 @@ class Trainer:
         return evaluator.evaluate(user_emb, item_emb)
 
     def fit(self) -> FitResult:
+        """Train until ``epochs`` epochs are done or early stopping triggers.
+
+        Continues from the last completed epoch after :meth:`load_state_dict`.
+
+        Raises:
+            NonFiniteLossError: see :meth:`train_epoch`; the trainer's state (and the last
+                checkpoint) still describe the last completed epoch, so :meth:`result`
+                gives the best metrics so far.
+        """
         epochs = int(self.config["epochs"])
-        stopper = EarlyStopping(int(self.config["stopping_step"]))
-        history: list[EpochRecord] = []
-        best_valid: dict[str, float] = {}
-        best_test: dict[str, float] = {}
-        stopped = False
-        for epoch in range(1, epochs + 1):
+        while not self.stopped_early and self.epoch < epochs:
+            epoch = self.epoch + 1
             start = time.perf_counter()
             loss = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - start
             start = time.perf_counter()
             user_emb, item_emb = self.model.embed(self.inputs)
             valid = self.valid_evaluator.evaluate(user_emb, item_emb)
-            improved, stop = stopper.step(valid[self.valid_metric], epoch)
+            improved, stop = self.stopper.step(valid[self.valid_metric], epoch)
             if improved:
-                best_valid = valid
-                best_test = self.test_evaluator.evaluate(user_emb, item_emb)
+                self.best_valid = valid
+                self.best_test = self.test_evaluator.evaluate(user_emb, item_emb)
             eval_seconds = time.perf_counter() - start
             record = EpochRecord(epoch, loss, train_seconds, eval_seconds, valid, improved)
-            history.append(record)
+            self.history.append(record)
+            self.epoch = epoch
+            self.stopped_early = stop
             logger.info(
                 "epoch %d: loss %.4f, valid %s %.4f%s (train %.2fs, eval %.2fs)",
                 epoch,
@@ -202,17 +300,24 @@ class Trainer:
                 train_seconds,
                 eval_seconds,
             )
+            # Checkpoint first: if the process dies in the callback, the epoch is saved.
+            if self.checkpoint is not None:
+                self.checkpoint(self.state_dict())
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
-            if stop:
-                stopped = True
-                break
+        return self.result()
+
+    def result(self, stop_reason: str | None = None) -> FitResult:
+        """The outcome so far (best validation epoch's metrics, history)."""
+        if stop_reason is None:
+            stop_reason = "early_stopping" if self.stopped_early else "completed"
         return FitResult(
-            best_epoch=stopper.best_epoch,
-            epochs_run=len(history),
-            valid=best_valid,
-            test=best_test,
-            epoch_seconds=[r.train_seconds for r in history],
-            history=history,
-            stopped_early=stopped,
+            best_epoch=self.stopper.best_epoch,
+            epochs_run=len(self.history),
+            valid=dict(self.best_valid),
+            test=dict(self.best_test),
+            epoch_seconds=[r.train_seconds for r in self.history],
+            history=list(self.history),
+            stopped_early=self.stopped_early,
+            stop_reason=stop_reason,
         )

@@ -1,0 +1,62 @@
+"""Crash-safe file writing shared by the data and training packages.
+
+Every file cm3_pyg produces (processed caches, checkpoints, ``metrics.json``, ``epochs.csv``)
+is written to a temporary file in the target's folder, flushed and fsynced, then moved over
+the target with :func:`os.replace`. A reader therefore sees either the old complete file or
+the new complete file, never a half-written one, even if the process is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename in ``folder`` (best effort: not every platform can open a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    """Create or replace ``path`` atomically with what ``write(binary_file)`` writes.
+
+    The temporary file lives beside ``path`` (a rename is only atomic within one file
+    system) and is removed if ``write`` fails or the process is interrupted by an exception.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: never a half-written file."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)`` atomically: never a truncated ``.pt`` file."""
+    # torch.save is looked up at call time so tests can monkeypatch it.
+    atomic_write(path, lambda fh: torch.save(obj, fh))
