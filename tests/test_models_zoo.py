@@ -286,9 +286,10 @@ def test_freedom_degree_sensitive_pruning_and_schedule(mm_data):
     train = mm_data["user", "rates", "item"].edge_index
     num_edges, nu = train.size(1), 120
     ui = inputs.ui_adj
-    first = model.training_adjacency(ui, batch_rows=num_edges // 2)
-    assert model.training_adjacency(ui, batch_rows=num_edges - num_edges // 2) is first
-    assert model.training_adjacency(ui, batch_rows=1) is not first  # one epoch of rows: redraw
+    first = model.training_adjacency(ui)  # drawn lazily on first use
+    assert model.training_adjacency(ui) is first  # kept within an epoch
+    model.on_epoch_start(2, inputs)  # the trainer's per-epoch hook redraws
+    assert model.training_adjacency(ui) is not first
     pruned = first.to_dense().double()
     full = dense_ui_adjacency(mm_data)
     assert torch.equal(pruned, pruned.t())
@@ -309,7 +310,7 @@ def test_freedom_degree_sensitive_pruning_and_schedule(mm_data):
     model.eval()
     assert not torch.allclose(train_loss, model.training_loss(inputs, users, pos, neg))
     no_drop, inputs, _ = build("freedom", mm_data, dropout=0.0)
-    assert no_drop.training_adjacency(inputs.ui_adj, 10) is inputs.ui_adj
+    assert no_drop.training_adjacency(inputs.ui_adj) is inputs.ui_adj
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -364,7 +365,8 @@ def test_run_experiment_two_epochs_every_registered_model(name, mm_data, id_data
     assert 0.0 <= metrics["test"]["recall@20"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text())["model"] == name
     if cls.min_modalities > 0:
-        with pytest.raises(ValueError, match="needs at least 1 item modalities"):
+        needs = f"needs at least {cls.min_modalities} item modalities"
+        with pytest.raises(ValueError, match=needs):
             run_experiment(id_data, name, config, progress=False)
 
 

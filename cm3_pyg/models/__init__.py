@@ -8,10 +8,12 @@ from cm3_pyg.models.bprmf import BPRMF
 from cm3_pyg.models.cm3 import CM3, CM3Output
 from cm3_pyg.models.freedom import FREEDOM
 from cm3_pyg.models.lightgcn import LightGCN
+from cm3_pyg.models.lirdrec import LIRDRec
+from cm3_pyg.models.sea import SEA
 from cm3_pyg.models.vbpr import VBPR
 
 MODELS: dict[str, type[Recommender]] = {
-    cls.name: cls for cls in (CM3, BPRMF, LightGCN, VBPR, FREEDOM, BM3)
+    cls.name: cls for cls in (CM3, BPRMF, LightGCN, VBPR, FREEDOM, BM3, LIRDRec, SEA)
 }
 
 
@@ -31,9 +33,11 @@ __all__ = [
     "CM3Output",
     "FREEDOM",
     "GraphInputs",
+    "LIRDRec",
     "LightGCN",
     "MODELS",
     "Recommender",
+    "SEA",
     "VBPR",
     "get_model_class",
 ]

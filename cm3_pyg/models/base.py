@@ -97,6 +97,14 @@ class Recommender(torch.nn.Module):
     def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> Recommender:
         raise NotImplementedError
 
+    def on_epoch_start(self, epoch: int, inputs: GraphInputs) -> None:
+        """Called by the trainer before the first batch of every epoch (``epoch`` is 1-based).
+
+        The default does nothing; models with per-epoch state override it (FREEDOM redraws
+        its pruned training graph, LIRDRec advances its progressive weight copying). After a
+        resume the trainer calls it for the next epoch exactly as an uninterrupted run would.
+        """
+
     def training_loss(
         self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
     ) -> Tensor:

@@ -23,11 +23,11 @@ Deliberate deviations: any number ``M >= 1`` of modalities (the reference: image
 text); the trainable feature copies are zero-initialised offsets added to the frozen
 features (same optimisation trajectory with Adam, see ``finetune_features``); the
 modality projections map to ``embedding_size`` (the reference's ``feat_embed_dim`` must
-equal it anyway for the dot product); because the trainer has no per-epoch hook, the
-pruned graph is redrawn whenever the training batches since the last draw have covered as
-many rows as there are training edges -- exactly once per epoch under
-:class:`~cm3_pyg.training.Trainer` -- or explicitly with :meth:`FREEDOM.resample_graph`;
-``compute_embeddings`` in training mode uses the current pruned graph.
+equal it anyway for the dot product); the pruned graph is redrawn in
+:meth:`FREEDOM.on_epoch_start` (the trainer's per-epoch hook, the reference's
+``pre_epoch_processing``) or explicitly with :meth:`FREEDOM.resample_graph`, and drawn
+lazily on first use otherwise; ``compute_embeddings`` in training mode uses the current
+pruned graph.
 """
 
 from __future__ import annotations
@@ -117,7 +117,6 @@ class FREEDOM(Recommender):
         # State of the degree-sensitive pruning (not parameters, not saved).
         self._edges: tuple[Any, Tensor, Tensor] | None = None
         self._train_adj: Any = None
-        self._rows_since_draw = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,7 +126,6 @@ class FREEDOM(Recommender):
             proj.reset_parameters()  # the reference keeps PyTorch's default Linear init
         self.feature_offsets.reset_parameters()
         self._train_adj = None
-        self._rows_since_draw = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> FREEDOM:
@@ -176,17 +174,20 @@ class FREEDOM(Recommender):
     def resample_graph(self, ui_adj: Any) -> Any:
         """Draw the training graph of the next epoch (the reference's ``pre_epoch_processing``)."""
         self._train_adj = self.prune_edges(ui_adj)
-        self._rows_since_draw = 0
         return self._train_adj
 
-    def training_adjacency(self, ui_adj: Any, batch_rows: int = 0) -> Any:
-        """The current pruned graph; redrawn once ``num_edges`` batch rows have used it."""
+    def on_epoch_start(self, epoch: int, inputs: GraphInputs) -> None:
+        """A new pruned training graph for every epoch."""
+        if self.dropout > 0.0:
+            self.resample_graph(inputs.ui_adj)
+
+    def training_adjacency(self, ui_adj: Any) -> Any:
+        """The current pruned graph of ``ui_adj`` (drawn now if there is none yet)."""
         if self.dropout <= 0.0:
             return ui_adj
-        edges, _ = self._edge_list(ui_adj)
-        if self._train_adj is None or self._rows_since_draw >= edges.size(1):
+        self._edge_list(ui_adj)  # forgets a graph pruned from a different adjacency
+        if self._train_adj is None:
             self.resample_graph(ui_adj)
-        self._rows_since_draw += batch_rows
         return self._train_adj
 
     # --- model --------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class FREEDOM(Recommender):
         item_adj = self._item_graph(inputs)
         ui_adj = inputs.ui_adj
         if self.training:
-            ui_adj = self.training_adjacency(ui_adj, batch_rows=users.numel())
+            ui_adj = self.training_adjacency(ui_adj)
         out = self(ui_adj, item_adj)
         return self.loss(out, inputs.features, users, pos_items, neg_items)
 

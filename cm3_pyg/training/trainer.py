@@ -228,6 +228,7 @@ class Trainer:
                 optimizer step, so that batch never updates the model).
         """
         self.model.train()
+        self.model.on_epoch_start(epoch, self.inputs)
         train = self.splits.train
         batch_size = int(self.config["train_batch_size"])
         num_batches = math.ceil(train.size(1) / batch_size)

@@ -1,0 +1,574 @@
+"""Compare registered models over small hyper-parameter grids, selecting on validation only.
+
+For every model: grid points from the ``grid:`` of its YAML (:meth:`Recommender.default_grid`),
+optionally capped by a budget; every point is trained once per seed with
+:func:`~cm3_pyg.training.run_experiment`; a point's score is its mean validation Recall@20
+over the seeds, the best-scoring point is selected (ties: the earlier point, the defaults
+first), and its TEST metrics are reported as mean and sample standard deviation over the
+seeds. Test metrics never enter the selection (MMRec selects by test Recall@20, a leak).
+
+Layout of an output folder::
+
+    results.md, results.csv     the selected point of each model
+    grid.csv                    every point's validation score (mean/std over seeds)
+    results.png                 bar chart of the selected points (only with matplotlib)
+    runs/<model>/<point>/seed<s>/metrics.json, epochs.csv (+ checkpoint.pt if kept)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch_geometric.data import HeteroData
+
+from cm3_pyg.errors import ConfigError, NonFiniteLossError
+from cm3_pyg.io import atomic_write_text
+from cm3_pyg.models import get_model_class
+from cm3_pyg.training import load_config, run_experiment
+
+__all__ = [
+    "GRID_MODES",
+    "REPORTED_METRICS",
+    "PointSummary",
+    "RunRecord",
+    "choose_points",
+    "grid_points",
+    "model_points",
+    "plot_results",
+    "point_slug",
+    "run_comparison",
+    "select_best",
+    "summarize",
+    "write_results",
+]
+
+logger = logging.getLogger("cm3_pyg")
+
+#: ``small``: the defaults plus every point that changes ONE key to another listed value;
+#: ``full``: the Cartesian product of the listed values.
+GRID_MODES = ("small", "full")
+#: Test metrics reported for the selected points.
+REPORTED_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+SELECTION_METRIC = "recall@20"
+
+Params = dict[str, Any]
+
+
+# --- grids ------------------------------------------------------------------------------------
+
+
+def grid_points(
+    defaults: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], mode: str = "small"
+) -> list[Params]:
+    """The points of ``grid`` (values of the grid's keys only), the default point first.
+
+    Args:
+        defaults: the model's configuration defaults; ``defaults[key]`` is the default value
+            of every grid key (it need not be one of the listed values).
+        grid: ``{key: [values, ...]}`` in a fixed key order.
+        mode: ``"small"`` (one key at a time away from the defaults: ``1 + sum(n_k - 1)``
+            points when the defaults are listed) or ``"full"`` (Cartesian product).
+
+    Returns:
+        Distinct points, each ``{key: value}`` over the grid's keys in grid order; the first
+        is the default point. An empty grid gives ``[{}]``.
+    """
+    if mode not in GRID_MODES:
+        raise ConfigError(f"grid mode must be one of {GRID_MODES}, got {mode!r}")
+    keys = list(grid)
+    missing = [k for k in keys if k not in defaults]
+    if missing:
+        raise ConfigError(f"grid keys {missing} have no default value in the model's config")
+    for key in keys:
+        if (
+            isinstance(grid[key], (str, bytes))
+            or not isinstance(grid[key], Sequence)
+            or not grid[key]
+        ):
+            raise ConfigError(f"grid key {key!r} must list at least one value, got {grid[key]!r}")
+    default = {k: defaults[k] for k in keys}
+    if mode == "full":
+        candidates = [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(grid[k] for k in keys))
+        ]
+    else:
+        candidates = [{**default, key: value} for key in keys for value in grid[key]]
+    points = [default]
+    for point in candidates:
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def choose_points(points: Sequence[Params], budget: int | None, seed: int = 0) -> list[Params]:
+    """At most ``budget`` of ``points``, always keeping ``points[0]`` (the defaults).
+
+    The others are the first ``budget - 1`` of a shuffle seeded with ``seed`` (deterministic);
+    the result keeps the order of ``points``. ``budget=None`` keeps them all.
+    """
+    if budget is None or budget >= len(points):
+        return [dict(p) for p in points]
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1 grid point, got {budget}")
+    rest = list(range(1, len(points)))
+    random.Random(seed).shuffle(rest)
+    keep = {0, *rest[: budget - 1]}
+    return [dict(points[i]) for i in sorted(keep)]
+
+
+def model_points(
+    model: str, mode: str = "small", budget: int | None = None, seed: int = 0
+) -> list[Params]:
+    """:func:`grid_points` of a registered model's YAML grid, capped by :func:`choose_points`."""
+    cls = get_model_class(model)
+    points = grid_points(cls.default_config(), cls.default_grid(), mode)
+    return choose_points(points, budget, seed)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def point_slug(point: Mapping[str, Any]) -> str:
+    """A folder name for a grid point: ``key=value`` pairs joined by ``__``.
+
+    An empty point (a model without a grid) is ``default``.
+    """
+    if not point:
+        return "default"
+    text = "__".join(f"{k}={_format_value(v)}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
+
+
+def describe_point(point: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_format_value(v)}" for k, v in point.items()) or "(defaults)"
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """The outcome of one (model, grid point, seed) run."""
+
+    model: str
+    point: Params
+    seed: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    stop_reason: str = "completed"
+    path: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return point_slug(self.point)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _reusable(path: Path, config: Mapping[str, Any], dataset: str) -> dict[str, Any] | None:
+    """The finished run's metrics in ``path`` if it used ``dataset`` and exactly ``config``."""
+    file = path / "metrics.json"
+    if not file.exists():
+        return None
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if saved.get("stop_reason") not in ("completed", "early_stopping"):
+        return None
+    if saved.get("dataset") != dataset:
+        return None
+    return saved if saved.get("config") == _jsonable(dict(config)) else None
+
+
+def _record(
+    model: str, point: Params, seed: int, metrics: Mapping[str, Any], path: Path | None
+) -> RunRecord:
+    return RunRecord(
+        model=model,
+        point=dict(point),
+        seed=seed,
+        valid=dict(metrics.get("valid") or {}),
+        test=dict(metrics.get("test") or {}),
+        epoch_seconds=list(metrics.get("epoch_seconds") or []),
+        best_epoch=int(metrics.get("best_epoch") or 0),
+        stop_reason=str(metrics.get("stop_reason", "completed")),
+        path=None if path is None else str(path),
+    )
+
+
+def run_comparison(
+    data: HeteroData,
+    models: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    *,
+    dataset_name: str = "synthetic",
+    grid_mode: str = "small",
+    budget: int | None = None,
+    epochs: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    shuffle_seed: int = 0,
+    reuse: bool = True,
+    keep_checkpoints: bool = False,
+    progress: bool = False,
+    runner: Callable[..., dict[str, Any]] = run_experiment,
+) -> list[RunRecord]:
+    """Train every model at every chosen grid point with every seed.
+
+    Args:
+        data: the dataset.
+        models: registered model names.
+        seeds: one run per seed at every point.
+        out_dir: each run writes ``out_dir/runs/<model>/<point>/seed<s>/``.
+        dataset_name: recorded in the runs' ``metrics.json``.
+        grid_mode: ``"small"`` or ``"full"`` (see :func:`grid_points`).
+        budget: at most this many points per model (the defaults always included).
+        epochs: overrides ``epochs`` of every run.
+        overrides: further config overrides for every run (grid values take precedence).
+        shuffle_seed: seed of the budget's shuffle.
+        reuse: keep a run folder's finished ``metrics.json`` when its dataset name and config
+            are identical (resumes an interrupted comparison); ``False`` retrains everything.
+        keep_checkpoints: let every run write its ``checkpoint.pt`` (per-epoch model and
+            optimizer state; large for big models), off by default.
+        progress: per-epoch progress bars.
+        runner: the function that trains one run (tests may substitute it).
+
+    Raises:
+        ConfigError: an unknown model, a bad grid, budget or configuration, or a model
+            needing more modalities than the data offers (all checked before anything trains).
+    """
+    if not models:
+        raise ConfigError("no models to compare")
+    if not seeds:
+        raise ConfigError("no seeds given")
+    base = dict(overrides or {})
+    if epochs is not None:
+        base["epochs"] = int(epochs)
+    available = base.get("modalities") or list(getattr(data, "modalities", None) or [])
+    # Every configuration is built (and validated) before anything trains.
+    plan: list[tuple[str, Params, int, dict[str, Any]]] = []
+    for name in models:
+        try:
+            cls = get_model_class(name)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        if len(available) < cls.min_modalities:
+            raise ConfigError(
+                f"model {name!r} needs at least {cls.min_modalities} item modalities, "
+                f"the data has {available}"
+            )
+        for point in model_points(cls.name, grid_mode, budget, shuffle_seed):
+            for seed in seeds:
+                run_overrides = {**base, **point, "seed": int(seed)}
+                config = load_config(cls.default_config(), overrides=run_overrides)
+                plan.append((cls.name, point, int(seed), config))
+    root = Path(out_dir) / "runs"
+    records: list[RunRecord] = []
+    for name, point, seed, config in plan:
+        path = root / name / point_slug(point) / f"seed{seed}"
+        saved = _reusable(path, config, dataset_name) if reuse else None
+        if saved is not None:
+            logger.info("%s %s seed %d: reusing %s", name, describe_point(point), seed, path)
+            records.append(_record(name, point, seed, saved, path))
+            continue
+        logger.info("%s %s seed %d: training", name, describe_point(point), seed)
+        try:
+            metrics = runner(
+                data,
+                name,
+                config,
+                out_dir=path,
+                dataset_name=dataset_name,
+                progress=progress,
+                checkpoint=keep_checkpoints,
+            )
+        except NonFiniteLossError as exc:
+            # run_experiment wrote metrics.json (best epoch before the NaN) first
+            logger.error("%s %s seed %d: %s", name, describe_point(point), seed, exc)
+            file = path / "metrics.json"
+            metrics = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+            metrics["stop_reason"] = "non_finite_loss"
+        records.append(_record(name, point, seed, metrics, path))
+    return records
+
+
+# --- aggregation and selection ----------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN when empty."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass
+class PointSummary:
+    """One (model, grid point) over its seeds.
+
+    ``valid_mean``/``valid_std`` are of the selection metric; ``test_mean``/``test_std`` of
+    :data:`REPORTED_METRICS`; ``seconds_per_epoch`` is the median training time of all
+    epochs of all seeds. A point with a failed seed (NaN loss or no validation value) has
+    ``failed > 0`` and is never selected.
+    """
+
+    model: str
+    point: Params
+    seeds: list[int]
+    valid_mean: float
+    valid_std: float
+    test_mean: dict[str, float]
+    test_std: dict[str, float]
+    seconds_per_epoch: float
+    failed: int = 0
+
+    @property
+    def slug(self) -> str:
+        return point_slug(self.point)
+
+    @property
+    def selectable(self) -> bool:
+        return self.failed == 0 and math.isfinite(self.valid_mean)
+
+
+def summarize(records: Sequence[RunRecord], metric: str = SELECTION_METRIC) -> list[PointSummary]:
+    """One :class:`PointSummary` per (model, point), in the order the records first appear."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.model, record.slug), []).append(record)
+    out = []
+    for (model, _), group in groups.items():
+        failed = sum(
+            1 for r in group if r.stop_reason == "non_finite_loss" or metric not in r.valid
+        )
+        valid = [float(r.valid[metric]) for r in group if metric in r.valid]
+        test_mean, test_std = {}, {}
+        for key in REPORTED_METRICS:
+            test_mean[key], test_std[key] = _mean_std(
+                [float(r.test[key]) for r in group if key in r.test]
+            )
+        seconds = [s for r in group for s in r.epoch_seconds]
+        mean, std = _mean_std(valid)
+        out.append(
+            PointSummary(
+                model=model,
+                point=dict(group[0].point),
+                seeds=[r.seed for r in group],
+                valid_mean=mean,
+                valid_std=std,
+                test_mean=test_mean,
+                test_std=test_std,
+                seconds_per_epoch=statistics.median(seconds) if seconds else math.nan,
+                failed=failed,
+            )
+        )
+    return out
+
+
+def select_best(summaries: Sequence[PointSummary]) -> dict[str, PointSummary]:
+    """Per model, the point with the highest mean VALIDATION score (ties: the earlier point).
+
+    Only ``valid_mean`` is read: test metrics cannot influence the choice. Models none of
+    whose points is selectable are left out.
+    """
+    best: dict[str, PointSummary] = {}
+    for summary in summaries:
+        if not summary.selectable:
+            continue
+        current = best.get(summary.model)
+        if current is None or summary.valid_mean > current.valid_mean:
+            best[summary.model] = summary
+    return best
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def _pm(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results(
+    out_dir: str | os.PathLike[str],
+    summaries: Sequence[PointSummary],
+    selected: Mapping[str, PointSummary],
+    meta: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``results.md``, ``results.csv`` and ``grid.csv``; returns their paths.
+
+    Args:
+        out_dir: the comparison's folder.
+        summaries: every point (:func:`summarize`).
+        selected: the chosen point per model (:func:`select_best`), in report order.
+        meta: shown at the top of ``results.md`` (dataset, seeds, grid mode, ...).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metric_names = {"recall": "R", "ndcg": "N"}
+
+    def short(key: str) -> str:
+        name, _, k = key.partition("@")
+        return f"{metric_names.get(name, name)}@{k}"
+
+    lines = ["# Model comparison", ""]
+    for key, value in (meta or {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += [
+        "- selection: per model, the grid point with the highest mean VALIDATION "
+        f"{SELECTION_METRIC} over the seeds; test metrics are reported at that point only "
+        "(mean ± sample std over seeds) and never used for selection",
+        "",
+        "| model | selected params | valid R@20 | "
+        + " | ".join(f"test {short(k)}" for k in REPORTED_METRICS)
+        + " | s/epoch (median) | points |",
+        "|---|---|---|" + "---|" * len(REPORTED_METRICS) + "---|---|",
+    ]
+    counts: dict[str, int] = {}
+    for s in summaries:
+        counts[s.model] = counts.get(s.model, 0) + 1
+    for model, s in selected.items():
+        tests = " | ".join(_pm(s.test_mean[k], s.test_std[k]) for k in REPORTED_METRICS)
+        lines.append(
+            f"| {model} | {describe_point(s.point)} | {_pm(s.valid_mean, s.valid_std)} | {tests} "
+            f"| {s.seconds_per_epoch:.3f} | {counts.get(model, 0)} |"
+        )
+    unselected = sorted({s.model for s in summaries} - set(selected))
+    if unselected:
+        lines += ["", f"No selectable point (every point failed): {', '.join(unselected)}."]
+    lines += [
+        "",
+        "## Every grid point (validation only)",
+        "",
+        "| model | params | valid R@20 | seeds | failed |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        mark = " **selected**" if selected.get(s.model) is s else ""
+        lines.append(
+            f"| {s.model} | {describe_point(s.point)}{mark} | {_pm(s.valid_mean, s.valid_std)} "
+            f"| {len(s.seeds)} | {s.failed} |"
+        )
+    paths = [out / "results.md", out / "results.csv", out / "grid.csv"]
+    atomic_write_text(paths[0], "\n".join(lines) + "\n")
+
+    header = [
+        "model",
+        "params",
+        "point",
+        "seeds",
+        f"valid_{SELECTION_METRIC}_mean",
+        f"valid_{SELECTION_METRIC}_std",
+    ]
+    for key in REPORTED_METRICS:
+        header += [f"test_{key}_mean", f"test_{key}_std"]
+    header.append("seconds_per_epoch_median")
+    rows = []
+    for model, s in selected.items():
+        row = [
+            model,
+            json.dumps(s.point),
+            s.slug,
+            " ".join(map(str, s.seeds)),
+            s.valid_mean,
+            s.valid_std,
+        ]
+        for key in REPORTED_METRICS:
+            row += [s.test_mean[key], s.test_std[key]]
+        row.append(s.seconds_per_epoch)
+        rows.append(row)
+    atomic_write_text(paths[1], _csv_text(header, rows))
+
+    grid_header = [
+        "model",
+        "params",
+        "point",
+        "seeds",
+        "failed",
+        f"valid_{SELECTION_METRIC}_mean",
+        f"valid_{SELECTION_METRIC}_std",
+        "selected",
+    ]
+    grid_rows = [
+        [
+            s.model,
+            json.dumps(s.point),
+            s.slug,
+            " ".join(map(str, s.seeds)),
+            s.failed,
+            s.valid_mean,
+            s.valid_std,
+            int(selected.get(s.model) is s),
+        ]
+        for s in summaries
+    ]
+    atomic_write_text(paths[2], _csv_text(grid_header, grid_rows))
+    return paths
+
+
+def plot_results(path: str | os.PathLike[str], selected: Mapping[str, PointSummary]) -> bool:
+    """A bar chart of the selected points' test R@20 and N@20 (mean ± std).
+
+    Returns ``False`` (and writes nothing) when matplotlib, an optional dependency
+    (``pip install 'cm3_pyg[plot]'``), is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(selected)
+    keys = ("recall@20", "ndcg@20")
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(models) + 2.0), 3.6))
+    for offset, key in enumerate(keys):
+        xs = [i + (offset - 0.5) * width for i in range(len(models))]
+        ax.bar(
+            xs,
+            [selected[m].test_mean[key] for m in models],
+            width,
+            yerr=[selected[m].test_std[key] for m in models],
+            capsize=3,
+            label=f"test {key}",
+        )
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models)
+    ax.set_ylabel("mean over seeds")
+    ax.set_title("Selected by validation recall@20")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

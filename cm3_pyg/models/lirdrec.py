@@ -1,0 +1,366 @@
+r"""LIRDRec: learnable item representations from features only (Zhou et al., arXiv 2505.04960).
+
+Reference followed: github.com/enoche/LIRDRec (``src/models/lirdrec.py``, built on MMRec) and
+section 3 of the CM3 spec:
+
+* items have **no ID embedding**: one channel per modality,
+  :math:`z_m = W_{2,m}\,\mathrm{LeakyReLU}(W_{1,m} x_m)` (:math:`d_m \to 4d \to d`, second
+  layer without bias), plus a "transformation" channel, the same kind of MLP applied to the
+  orthonormal DCT-II of every modality's feature rows, concatenated in modality order
+  (:math:`\sum_m d_m \to 4d \to d`);
+* users own a free ``d``-dim preference per channel; node input is the concatenation over
+  channels of the row-normalised ``[user part; item part]``; propagation over the normalised
+  user-item graph is the SUM of layers ``0..n_ui_layers`` (as CM3), then items take the
+  frozen modality kNN graph step :math:`h_i \leftarrow h_i + S^{n} h_i`;
+* users fuse their channels with **progressive weight copying** (PWC, see
+  :class:`ProgressiveWeightCopying`);
+* loss: BPR on the fused embeddings plus ``reg_weight`` times the mean squared entry of the
+  WHOLE user and item output tables, :math:`\mathrm{mean}(U^2) + \mathrm{mean}(Q^2)`, as the
+  reference; its configuration trains with Adam at ``learning_rate`` 1e-4.
+
+Progressive weight copying, exactly as the reference's ``PWC`` / ``update_weights``: per channel
+``c`` a small scorer :math:`a_c(h) = w_2^\top \mathrm{LeakyReLU}(W_1 h + b_1) + b_2`
+(:math:`d \to d/4 \to 1`) reads the user's propagated channel vector; a free per-user table
+:math:`\Theta \in \mathbb{R}^{U \times C}` (Xavier-normal) is mixed in,
+:math:`\alpha_u = \mathrm{softmax}(\omega_1 a(h_u) + \omega_2 \Theta_u)`, and the user vector
+is :math:`\mathrm{concat}_c\, \alpha_{u,c} h_u^c`. At the start of every epoch ``e`` (1-based):
+:math:`\omega_1 \leftarrow \omega_1 \beta^{e} / (\omega_1 \beta^{e} + \omega_2)`,
+:math:`\omega_2 \leftarrow \omega_2 / (\omega_1 \beta^{e} + \omega_2)` (``decay_base``
+:math:`\beta`, starting from :math:`\omega_1 = ` ``decay_weight``, :math:`\omega_2 = 1 -
+\omega_1`), and :math:`\Theta` is overwritten with the attention :math:`\alpha` of the last
+training forward pass ("copying" the learned weights into the free table). Adam keeps
+training :math:`\Theta` in between (its moment estimates are not reset). So the weighting
+moves from the scorers' output to a per-user table that starts from what the scorers learned.
+
+Deliberate deviations: any number ``M >= 1`` of modalities (the reference: image + text,
+``M + 1 = 3`` channels); the DCT is a fixed orthonormal matrix (:func:`dct_matrix`, built in
+float64) instead of the ``torch_dct`` package, applied once per feature table and cached;
+evaluation runs a fresh forward in eval mode (the reference scores with the embeddings of
+the last training batch), and only training-mode forwards are remembered for the copy;
+an epoch of PWC starts in :meth:`LIRDRec.on_epoch_start` (the trainer's per-epoch hook, the
+reference's ``pre_epoch_processing``) or explicitly with :meth:`LIRDRec.start_epoch`;
+the PWC state (epoch, last attention) is kept in buffers so checkpoints resume it;
+the reference's optional degree-sensitive edge pruning (``dropout``, 0 in its configuration)
+and its unused trainable feature copies are not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
+
+from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.nn import UserItemPropagation, bpr_loss, normalize_rows, propagate_item_graph
+
+
+def dct_matrix(
+    n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> Tensor:
+    r"""The orthonormal DCT-II matrix :math:`C \in \mathbb{R}^{n \times n}`.
+
+    .. math::
+        C_{kj} = s_k \cos\frac{\pi (2j + 1) k}{2n}, \qquad
+        s_0 = \sqrt{1/n}, \quad s_{k>0} = \sqrt{2/n},
+
+    so :math:`y = C x` is ``scipy.fft.dct(x, norm="ortho")`` of a vector and
+    :math:`C C^\top = I`. Built in float64 (the integer phase :math:`(2j+1)k` is reduced
+    modulo :math:`4n` exactly before the cosine) and cast to ``dtype`` at the end.
+    """
+    if n < 1:
+        raise ValueError(f"the DCT needs n >= 1, got {n}")
+    k = torch.arange(n, dtype=torch.int64, device=device)
+    phase = torch.remainder((2 * k.unsqueeze(0) + 1) * k.unsqueeze(1), 4 * n)
+    matrix = torch.cos(phase.to(torch.float64) * (math.pi / (2 * n)))
+    scale = torch.full((n, 1), math.sqrt(2.0 / n), dtype=torch.float64, device=device)
+    scale[0] = math.sqrt(1.0 / n)
+    return (matrix * scale).to(dtype)
+
+
+def dct_rows(x: Tensor) -> Tensor:
+    """Orthonormal DCT-II of every row of ``x`` (``[N, n] -> [N, n]``), in ``x``'s dtype."""
+    return x @ dct_matrix(x.size(-1), dtype=x.dtype, device=x.device).t()
+
+
+def progressive_mixing_weights(
+    decay_weight: float, decay_base: float, epoch: int
+) -> tuple[float, float]:
+    r"""PWC's :math:`(\omega_1, \omega_2)` after the updates of epochs ``1..epoch``.
+
+    Starts from :math:`(\omega_1, \omega_2) = (\mathrm{decay\_weight}, 1 - \mathrm{decay\_weight})`;
+    epoch ``e`` multiplies :math:`\omega_1` by :math:`\beta^{e}` and renormalises the pair to
+    sum 1 (the reference's ``update_weights``), so :math:`\omega_1` decays like
+    :math:`\beta^{e(e+1)/2}`.
+    """
+    w1, w2 = float(decay_weight), 1.0 - float(decay_weight)
+    for e in range(1, epoch + 1):
+        w1 *= decay_base**e
+        total = w1 + w2
+        w1, w2 = w1 / total, w2 / total
+    return w1, w2
+
+
+class ProgressiveWeightCopying(torch.nn.Module):
+    r"""LIRDRec's user-side channel weighting (see the module docstring).
+
+    Args:
+        num_users: ``U``.
+        num_channels: ``C``.
+        dim: ``d``, the width of each channel.
+        decay_base: :math:`\beta`.
+        decay_weight: initial :math:`\omega_1`.
+
+    Buffers (saved with the model): ``epoch`` (epochs started), ``last_attention`` ``[U, C]``
+    (the attention of the last training forward, copied into ``theta`` at the next epoch
+    start).
+    """
+
+    def __init__(
+        self, num_users: int, num_channels: int, dim: int, decay_base: float, decay_weight: float
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay_weight <= 1.0:
+            raise ValueError(f"decay_weight must lie in [0, 1], got {decay_weight}")
+        if not 0.0 < decay_base <= 1.0:
+            raise ValueError(f"decay_base must lie in (0, 1], got {decay_base}")
+        hidden = max(dim // 4, 1)
+        self.num_users = num_users
+        self.num_channels = num_channels
+        self.decay_base = decay_base
+        self.decay_weight = decay_weight
+        self.scorers = ModuleList(
+            Sequential(Linear(dim, hidden), LeakyReLU(), Linear(hidden, 1))
+            for _ in range(num_channels)
+        )
+        self.theta = Parameter(torch.empty(num_users, num_channels))
+        self.register_buffer("last_attention", torch.empty(num_users, num_channels))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for scorer in self.scorers:
+            for layer in scorer:
+                if isinstance(layer, Linear):
+                    layer.reset_parameters()
+        std = (2.0 / (self.num_users + self.num_channels)) ** 0.5  # Xavier-normal of [U, C]
+        torch.nn.init.normal_(self.theta, std=std)
+        with torch.no_grad():
+            self.last_attention.copy_(self.theta)
+        self.epoch.zero_()
+
+    def mixing_weights(self) -> tuple[float, float]:
+        r"""The current :math:`(\omega_1, \omega_2)`."""
+        return progressive_mixing_weights(self.decay_weight, self.decay_base, int(self.epoch))
+
+    @torch.no_grad()
+    def start_epoch(self) -> None:
+        """Advance the epoch: decay :math:`\\omega_1` and copy the last attention into ``theta``."""
+        self.epoch += 1
+        self.theta.copy_(self.last_attention)
+
+    def attention(self, channels: Sequence[Tensor]) -> Tensor:
+        r"""``[U, C]`` :math:`\mathrm{softmax}(\omega_1 a(h) + \omega_2 \Theta)`."""
+        scores = torch.cat([scorer(h) for scorer, h in zip(self.scorers, channels, strict=True)], 1)
+        w1, w2 = self.mixing_weights()
+        return torch.softmax(w1 * scores + w2 * self.theta, dim=1)
+
+    def forward(self, channels: Sequence[Tensor]) -> Tensor:
+        """``C`` tensors ``[U, d]`` -> ``[U, C d]``; remembers the attention in training mode."""
+        if len(channels) != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} channels, got {len(channels)}")
+        att = self.attention(channels)
+        if self.training:
+            with torch.no_grad():
+                self.last_attention.copy_(att)
+        return torch.cat([att[:, c : c + 1] * h for c, h in enumerate(channels)], dim=1)
+
+
+def _channel_mlp(in_dim: int, dim: int) -> Sequential:
+    return Sequential(Linear(in_dim, 4 * dim), LeakyReLU(), Linear(4 * dim, dim, bias=False))
+
+
+class LIRDRec(Recommender):
+    r"""LIRDRec over ``M >= 1`` item modalities, ``M + 1`` channels (see the module docstring).
+
+    .. math::
+        [U; Q] = \sum_{l=0}^{L} \hat A^{l}\, \mathrm{concat}_c\,
+            \mathrm{normalize}([P_c; Z_c]), \qquad
+        Q \leftarrow Q + S^{n} Q, \qquad
+        \mathbf{u} = \mathrm{PWC}(U), \qquad \hat y_{ui} = \mathbf{u}_u^\top \mathbf{q}_i
+
+    with :math:`Z_c` the ``M`` modality channels and the DCT channel. Loss of users :math:`u`,
+    positives :math:`i`, negatives :math:`j`:
+    :math:`\mathrm{BPR}(\mathbf{u}_u, \mathbf{q}_i, \mathbf{q}_j) + \lambda
+    (\mathrm{mean}(\mathbf{U}^2) + \mathrm{mean}(\mathbf{Q}^2))` over the whole tables.
+
+    Args:
+        num_users: ``U``.
+        num_items: ``I``.
+        feature_dims: ``[d_1, ..., d_M]``.
+        embedding_dim: ``d`` per channel.
+        num_ui_layers: user-item propagation layers ``L`` (sum of layers).
+        num_mm_layers: item-graph steps ``n``.
+        reg_weight: :math:`\lambda`.
+        decay_base: PWC's :math:`\beta`.
+        decay_weight: PWC's initial :math:`\omega_1`.
+    """
+
+    name = "lirdrec"
+    min_modalities = 1
+    uses_item_graph = True
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        feature_dims: Sequence[int],
+        embedding_dim: int = 64,
+        num_ui_layers: int = 3,
+        num_mm_layers: int = 1,
+        reg_weight: float = 1e-3,
+        decay_base: float = 0.9,
+        decay_weight: float = 0.95,
+    ) -> None:
+        super().__init__()
+        if len(feature_dims) < 1:
+            raise ValueError("LIRDRec needs at least one item modality (feature_dims is empty)")
+        if num_mm_layers < 0:
+            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
+        self.num_users = num_users
+        self.num_items = num_items
+        self.feature_dims = [int(d) for d in feature_dims]
+        self.num_modalities = len(self.feature_dims)
+        self.num_channels = self.num_modalities + 1
+        self.embedding_dim = embedding_dim
+        self.num_mm_layers = num_mm_layers
+        self.reg_weight = reg_weight
+        d = embedding_dim
+        self.encoders = ModuleList(_channel_mlp(dm, d) for dm in self.feature_dims)
+        self.dct_encoder = _channel_mlp(sum(self.feature_dims), d)
+        self.user_embedding = Parameter(torch.empty(self.num_channels, num_users, d))
+        self.pwc = ProgressiveWeightCopying(
+            num_users, self.num_channels, d, decay_base, decay_weight
+        )
+        self.propagation = UserItemPropagation(num_ui_layers, combine="sum")
+        # Caches keyed on the identity of the inputs (not parameters, not saved).
+        self._dct_cache: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for mlp in (*self.encoders, self.dct_encoder):
+            for layer in mlp:
+                if isinstance(layer, Linear):
+                    layer.reset_parameters()  # PyTorch's default, as the reference
+        std = (2.0 / (self.num_users + self.embedding_dim)) ** 0.5  # Xavier-normal of [U, d]
+        torch.nn.init.normal_(self.user_embedding, std=std)
+        self.pwc.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> LIRDRec:
+        return cls(
+            num_users=inputs.num_users,
+            num_items=inputs.num_items,
+            feature_dims=inputs.feature_dims,
+            embedding_dim=int(config["embedding_size"]),
+            num_ui_layers=int(config["n_ui_layers"]),
+            num_mm_layers=int(config["n_mm_layers"]),
+            reg_weight=float(config["reg_weight"]),
+            decay_base=float(config["decay_base"]),
+            decay_weight=float(config["decay_weight"]),
+        )
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def dct_features(self, features: Sequence[Tensor]) -> Tensor:
+        """``[I, sum d_m]``: the DCT-II of each modality's rows, concatenated (cached)."""
+        feats = tuple(features)
+        versions = tuple(int(f._version) for f in feats)
+        cache = self._dct_cache
+        if (
+            cache is not None
+            and len(cache[0]) == len(feats)
+            and all(a is b for a, b in zip(cache[0], feats, strict=True))
+            and cache[1] == versions
+        ):
+            return cache[2]
+        out = torch.cat([dct_rows(x) for x in feats], dim=1)
+        if not any(f.requires_grad for f in feats):
+            self._dct_cache = (feats, versions, out)
+        return out
+
+    def _item_graph(self, inputs: GraphInputs) -> Any:
+        if inputs.item_adj is None and self.num_mm_layers > 0:
+            raise ValueError(
+                "LIRDRec reads the modality item graph: build the inputs with "
+                "build_graph_inputs(..., uses_item_graph=True)"
+            )
+        return inputs.item_adj
+
+    # --- model ----------------------------------------------------------------------------
+
+    def item_channels(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """``M + 1`` tensors ``[I, d]``: the modality channels, then the DCT channel."""
+        if len(features) != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
+        channels = [enc(x) for enc, x in zip(self.encoders, features, strict=True)]
+        channels.append(self.dct_encoder(self.dct_features(features)))
+        return channels
+
+    def forward(
+        self, features: Sequence[Tensor], ui_adj: Any, item_adj: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(user [U, (M+1) d], item [I, (M+1) d])``; ``item_adj=None`` skips the item graph."""
+        items = self.item_channels(features)
+        x0 = torch.cat(
+            [
+                normalize_rows(torch.cat([self.user_embedding[c], items[c]], dim=0))
+                for c in range(self.num_channels)
+            ],
+            dim=-1,
+        )
+        h = self.propagation(x0, ui_adj)
+        user_h, item_h = h[: self.num_users], h[self.num_users :]
+        user = self.pwc(list(user_h.split(self.embedding_dim, dim=1)))
+        if item_adj is not None:
+            item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)
+        return user, item_h
+
+    def loss(
+        self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor
+    ) -> Tensor:
+        """BPR on the batch plus ``reg_weight`` times the mean squares of the whole tables."""
+        user_emb, item_emb = out
+        u = user_emb[users]
+        ranking = bpr_loss((u * item_emb[pos_items]).sum(-1), (u * item_emb[neg_items]).sum(-1))
+        penalty = user_emb.pow(2).mean() + item_emb.pow(2).mean()
+        return ranking + self.reg_weight * penalty
+
+    def start_epoch(self) -> None:
+        """Start a PWC epoch (the reference's ``pre_epoch_processing``)."""
+        self.pwc.start_epoch()
+
+    def on_epoch_start(self, epoch: int, inputs: GraphInputs) -> None:
+        self.start_epoch()
+
+    def training_loss(
+        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
+    ) -> Tensor:
+        item_adj = self._item_graph(inputs)
+        out = self(inputs.features, inputs.ui_adj, item_adj)
+        return self.loss(out, users, pos_items, neg_items)
+
+    def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
+        return self(inputs.features, inputs.ui_adj, self._item_graph(inputs))
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(num_users={self.num_users}, num_items={self.num_items}, "
+            f"feature_dims={self.feature_dims}, embedding_dim={self.embedding_dim}, "
+            f"num_ui_layers={self.propagation.num_layers}, num_mm_layers={self.num_mm_layers}, "
+            f"reg_weight={self.reg_weight}, decay_base={self.pwc.decay_base}, "
+            f"decay_weight={self.pwc.decay_weight})"
+        )

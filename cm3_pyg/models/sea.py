@@ -1,0 +1,454 @@
+r"""SEA: separate learning of modality-generic and -unique parts (arXiv 2406.08270).
+
+"It is Never Too Late to Mend: Separate Learning for Multimedia Recommendation". Reference
+followed: github.com/bruno686/SEA (``src/models/SEA.py``, ``src/common/trainer.py``,
+``src/main.py`` defaults, ``src/configs/model/SEA.yaml``) and section 3 of the CM3 spec.
+
+* Per modality ``m`` a linear layer :math:`r_m = R_m x_m` (:math:`d_m \to d_m`, the
+  reference's ``t_item_linear`` 384 -> 384 and ``v_item_linear`` 4096 -> 4096 on Baby) whose
+  output is split into a **generic** half :math:`g_m = r_m[:h_m]` and a **unique** half
+  :math:`\upsilon_m = r_m[h_m:]`, :math:`h_m = \lfloor d_m / 2 \rfloor`.
+* A GCN per modality: a free user preference :math:`P_m` (``d``) and an item MLP
+  :math:`f_m(r_m) = W_2\,\mathrm{LeakyReLU}(W_1 r_m + b_1) + b_2` (:math:`d_m \to 4d \to d`),
+  row-normalised ``[P_m; f_m(r_m)]`` propagated over the normalised user-item graph, SUM of
+  layers ``0..n_layers`` (2). Users weight the modalities with a free per-user vector
+  (initialised to a softmax, then trained freely); items concatenate them and take the frozen
+  modality kNN graph step :math:`h_i \leftarrow h_i + S^{n} h_i`. Scores: dot products.
+* **Solosimloss** (InfoNCE over ALL items, temperature ``temp`` = 0.2): a projection head per
+  modality (Linear-BN-ReLU-Linear-BN-ReLU-Linear to ``proj_out_dim``, unit rows) on the generic
+  half; for every pair of modalities :math:`a < b`,
+  :math:`-\frac{1}{I}\sum_i \log \mathrm{softmax}_j(\langle p_{b,i}, p_{a,j}\rangle/\tau)_i`
+  (with ``[image, text]`` exactly the reference's ``Solosimloss(text, image)``), averaged over
+  pairs.
+* **CLUB** upper bound of :math:`I(g_m; \upsilon_m)`: two linear maps to ``club_dim`` (32),
+  :math:`a_m = T_m g_m`, :math:`b_m = T'_m \upsilon_m`, and ONE variational network
+  :math:`q(b \mid a) = \mathcal{N}(\mu(a), \mathrm{diag}\, e^{\log\sigma^2(a)})` shared by the
+  modalities (:class:`CLUB`); the bound
+  :math:`\max(0, \frac{1}{2}\,\mathrm{mean}_i[\log q(b_i|a_i) - \log q(b_{\pi(i)}|a_i)])`
+  with a random permutation :math:`\pi` of the items.
+* Loss: :math:`\mathrm{BPR}_2 + \frac{\mathrm{ureg}}{M} \sum_m \mathrm{CLUB}_m +
+  \mathrm{alpha\_contrast} \cdot \mathrm{Solosim}`, where :math:`\mathrm{BPR}_2` uses
+  :math:`\log_2` as the reference (:math:`-\mathrm{mean} \log_2 \sigma(s^+ - s^-)`, i.e. the
+  usual BPR divided by :math:`\ln 2`). No embedding penalty (the reference has none).
+
+**The CLUB network is trained by its own optimizer, not the outer one.** The reference's
+trainer, after every batch's backward pass, takes ``50`` Adam steps (learning rate =
+``learning_rate``) on the network's negative log-likelihood of the batch's detached samples,
+then steps the model. Here :meth:`SEA.training_loss` does the same inner steps itself (in
+training mode only) after computing the batch's bound, with an Adam optimizer the model owns.
+The network is held outside the module tree (:attr:`SEA.club`, a property): it is NOT in
+``model.parameters()``, ``named_parameters()`` or ``modules()``, so the trainer's outer Adam,
+built from ``model.parameters()``, never sees it; the bound in the outer loss is evaluated
+with a detached copy of its weights (gradients reach the model only), which is also what the
+reference effectively does (its inner loop zeroes the club's gradients from the outer pass).
+The network's weights and its optimizer state are saved in ``state_dict()`` (as the module's
+extra state, so checkpoints resume them), and ``.to()`` / ``.double()`` move them with the model.
+
+Deliberate deviations: any number ``M >= 2`` of modalities (the reference: image + text);
+the CLUB network is fitted on the pairs whose mutual information it bounds, ``(a_m, b_m)``
+within each modality -- the reference's trainer fits it on cross-modal pairs (text-generic
+-> image-generic and text-unique -> image-unique) while its loss evaluates it within each
+modality, which leaves the variational bound without its justification and does not extend
+to ``M > 2``; the inner loop's row shuffles are dropped (the loss is a mean over rows);
+``d_m -> d_m`` replaces the Baby-specific fixed sizes; evaluation is a fresh forward pass in
+eval mode (the reference scores with the last training batch's embeddings); the reference's
+unused layers, its unused item-dropping graphs and trainable feature copies are omitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from torch.nn import (
+    BatchNorm1d,
+    LeakyReLU,
+    Linear,
+    ModuleList,
+    Parameter,
+    ReLU,
+    Sequential,
+    Tanh,
+)
+
+from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.nn import UserItemPropagation, bpr_loss, normalize_rows, propagate_item_graph
+
+
+def solosim_loss(anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
+    r"""SEA's Solosimloss: InfoNCE from ``anchor`` rows to ``other`` rows (cosine logits).
+
+    :math:`-\frac{1}{N}\sum_i \log \frac{\exp(\cos(a_i, o_i)/\tau)}
+    {\sum_j \exp(\cos(a_i, o_j)/\tau)}`; row ``i`` of both is the same item.
+    """
+    logits = normalize_rows(anchor) @ normalize_rows(other).t() / temperature
+    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+
+
+class CLUB(torch.nn.Module):
+    r"""Sampled CLUB estimator (Cheng et al., 2020) of :math:`I(x; y)`.
+
+    A Gaussian :math:`q(y \mid x)` with mean :math:`\mu(x)` and log-variance
+    :math:`\log\sigma^2(x) = \tanh(\cdot)`, each a two-layer ReLU network of
+    ``hidden_size // 2`` units.
+
+    Args:
+        x_dim: size of ``x``.
+        y_dim: size of ``y``.
+        hidden_size: twice the hidden width (the reference's convention).
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        hidden = max(hidden_size // 2, 1)
+        self.mu = Sequential(Linear(x_dim, hidden), ReLU(), Linear(hidden, y_dim))
+        self.logvar = Sequential(Linear(x_dim, hidden), ReLU(), Linear(hidden, y_dim), Tanh())
+
+    def log_likelihood(self, x: Tensor, y: Tensor) -> Tensor:
+        r""":math:`\frac{1}{N}\sum_i \log q(y_i \mid x_i)` up to the constant."""
+        mu, logvar = self.mu(x), self.logvar(x)
+        return (-(mu - y).pow(2) / logvar.exp() / 2.0 - logvar / 2.0).sum(1).mean()
+
+    def learning_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """What the inner optimizer minimises: the negative log-likelihood."""
+        return -self.log_likelihood(x, y)
+
+    def forward(self, x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
+        r"""The bound :math:`\max(0, \frac{1}{2}\mathrm{mean}_i[\log q(y_i|x_i) -
+        \log q(y_{\pi(i)}|x_i)])` with the permutation ``perm`` (:math:`\pi`)."""
+        mu, logvar = self.mu(x), self.logvar(x)
+        inv_var = (-logvar).exp()
+        positive = -(mu - y).pow(2) * inv_var / 2.0
+        negative = -(mu - y[perm]).pow(2) * inv_var / 2.0
+        return torch.clamp((positive - negative).sum(1).mean() / 2.0, min=0.0)
+
+
+class _InnerTrained:
+    """A module and its own optimizer, deliberately not registered in the owning module."""
+
+    def __init__(self, net: torch.nn.Module, lr: float) -> None:
+        self.net = net
+        self.lr = lr
+        self.optimizer: torch.optim.Adam | None = None
+
+    def get_optimizer(self) -> torch.optim.Adam:
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        return self.optimizer
+
+    def apply(self, fn: Any) -> None:
+        """Convert the network (device/dtype) and carry the optimizer state along."""
+        state = None if self.optimizer is None else self.optimizer.state_dict()
+        self.net._apply(fn)
+        if state is not None:
+            self.optimizer = None
+            self.get_optimizer().load_state_dict(state)  # casts the moments to the params
+
+
+class SEAOutput(NamedTuple):
+    """One forward pass of :class:`SEA`.
+
+    Attributes:
+        user: ``[U, M d]`` user embeddings (modality-weighted).
+        item: ``[I, M d]`` item embeddings.
+        generic: ``M`` tensors ``[I, h_m]``, the generic halves.
+        unique: ``M`` tensors ``[I, d_m - h_m]``, the unique halves.
+    """
+
+    user: Tensor
+    item: Tensor
+    generic: list[Tensor]
+    unique: list[Tensor]
+
+
+class SEALosses(NamedTuple):
+    """The parts of SEA's loss of one batch (scalars) and the CLUB samples ``(a_m, b_m)``."""
+
+    bpr: Tensor
+    mi: Tensor
+    align: Tensor
+    club_samples: list[tuple[Tensor, Tensor]]
+
+
+class SEA(Recommender):
+    r"""SEA over ``M >= 2`` item modalities (see the module docstring).
+
+    Args:
+        num_users: ``U``.
+        num_items: ``I``.
+        feature_dims: ``[d_1, ..., d_M]`` (each ``>= 2``).
+        embedding_dim: ``d`` per modality.
+        num_layers: GCN layers (sum of layers ``0..L``).
+        num_mm_layers: item-graph steps ``n``.
+        temperature: Solosimloss :math:`\tau`.
+        alpha_contrast: weight of the Solosimloss.
+        ureg: weight of the CLUB bounds.
+        proj_hidden_dim: hidden width of the projection heads.
+        proj_out_dim: output width of the projection heads.
+        club_dim: width of the CLUB samples ``a_m, b_m``.
+        club_hidden_size: CLUB's ``hidden_size`` (its layers have half of it).
+        club_steps: inner optimizer steps per training batch.
+        club_lr: the inner Adam's learning rate.
+    """
+
+    name = "sea"
+    min_modalities = 2
+    uses_item_graph = True
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        feature_dims: Sequence[int],
+        embedding_dim: int = 64,
+        num_layers: int = 2,
+        num_mm_layers: int = 1,
+        temperature: float = 0.2,
+        alpha_contrast: float = 0.012,
+        ureg: float = 0.006,
+        proj_hidden_dim: int = 64,
+        proj_out_dim: int = 32,
+        club_dim: int = 32,
+        club_hidden_size: int = 16,
+        club_steps: int = 50,
+        club_lr: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if len(feature_dims) < 2:
+            raise ValueError(
+                f"SEA needs at least two item modalities (got {len(feature_dims)}): its "
+                "Solosimloss aligns the generic parts of pairs of modalities"
+            )
+        if min(feature_dims) < 2:
+            raise ValueError(
+                "SEA splits each feature in halves: every d_m must be >= 2, "
+                f"got {list(feature_dims)}"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if club_steps < 0:
+            raise ValueError(f"club_steps must be >= 0, got {club_steps}")
+        if num_mm_layers < 0:
+            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
+        self.num_users = num_users
+        self.num_items = num_items
+        self.feature_dims = [int(d) for d in feature_dims]
+        self.num_modalities = len(self.feature_dims)
+        self.generic_dims = [d // 2 for d in self.feature_dims]
+        self.embedding_dim = embedding_dim
+        self.num_mm_layers = num_mm_layers
+        self.temperature = temperature
+        self.alpha_contrast = alpha_contrast
+        self.ureg = ureg
+        self.club_steps = club_steps
+        d = embedding_dim
+        dims = list(zip(self.feature_dims, self.generic_dims, strict=True))
+        self.representations = ModuleList(Linear(dm, dm) for dm in self.feature_dims)
+        self.item_mlps = ModuleList(
+            Sequential(Linear(dm, 4 * d), LeakyReLU(), Linear(4 * d, d)) for dm in self.feature_dims
+        )
+        self.user_preference = Parameter(torch.empty(self.num_modalities, num_users, d))
+        self.user_modality_weights = Parameter(torch.empty(num_users, self.num_modalities))
+        self.projection_heads = ModuleList(
+            Sequential(
+                Linear(h, proj_hidden_dim),
+                BatchNorm1d(proj_hidden_dim),
+                ReLU(),
+                Linear(proj_hidden_dim, proj_hidden_dim),
+                BatchNorm1d(proj_hidden_dim),
+                ReLU(),
+                Linear(proj_hidden_dim, proj_out_dim),
+            )
+            for h in self.generic_dims
+        )
+        self.generic_maps = ModuleList(Linear(h, club_dim) for _, h in dims)
+        self.unique_maps = ModuleList(Linear(dm - h, club_dim) for dm, h in dims)
+        self.propagation = UserItemPropagation(num_layers, combine="sum")
+        # Not a registered submodule: see the module docstring.
+        self._club = _InnerTrained(CLUB(club_dim, club_dim, club_hidden_size), club_lr)
+        self.reset_parameters()
+
+    @property
+    def club(self) -> CLUB:
+        """The CLUB network (trained only by :meth:`fit_club`, not by ``model.parameters()``)."""
+        return self._club.net  # type: ignore[return-value]
+
+    @property
+    def club_optimizer(self) -> torch.optim.Adam:
+        """The inner Adam optimizer of :attr:`club` (created on first use)."""
+        return self._club.get_optimizer()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # PyTorch's defaults, as the reference
+        u, m = self.num_users, self.num_modalities
+        torch.nn.init.normal_(self.user_preference, std=(2.0 / (u + self.embedding_dim)) ** 0.5)
+        with torch.no_grad():  # Xavier-normal of [U, M], then a softmax (reference init)
+            weights = (
+                torch.randn(u, m, device=self.user_modality_weights.device) * (2.0 / (u + m)) ** 0.5
+            )
+            self.user_modality_weights.copy_(torch.softmax(weights, dim=1))
+        for module in self.club.modules():
+            if isinstance(module, Linear):
+                module.reset_parameters()
+        self._club.optimizer = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> SEA:
+        return cls(
+            num_users=inputs.num_users,
+            num_items=inputs.num_items,
+            feature_dims=inputs.feature_dims,
+            embedding_dim=int(config["embedding_size"]),
+            num_layers=int(config["n_layers"]),
+            num_mm_layers=int(config["n_mm_layers"]),
+            temperature=float(config["temp"]),
+            alpha_contrast=float(config["alpha_contrast"]),
+            ureg=float(config["ureg"]),
+            proj_hidden_dim=int(config["proj_hidden_dim"]),
+            proj_out_dim=int(config["proj_out_dim"]),
+            club_dim=int(config["club_dim"]),
+            club_hidden_size=int(config["club_hidden_size"]),
+            club_steps=int(config["club_steps"]),
+            club_lr=float(config["learning_rate"]),
+        )
+
+    # --- the unregistered CLUB network follows the module ---------------------------------
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SEA:
+        super()._apply(fn, recurse)
+        self._club.apply(fn)
+        return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        optimizer = self._club.optimizer
+        return {
+            "club": self.club.state_dict(),
+            "club_optimizer": None if optimizer is None else optimizer.state_dict(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        self.club.load_state_dict(state["club"])
+        self._club.optimizer = None
+        if state.get("club_optimizer") is not None:
+            self.club_optimizer.load_state_dict(state["club_optimizer"])
+
+    # --- model ----------------------------------------------------------------------------
+
+    def forward(self, features: Sequence[Tensor], ui_adj: Any, item_adj: Any = None) -> SEAOutput:
+        """Full-graph forward; ``item_adj=None`` skips the item-graph step."""
+        if len(features) != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
+        users, items, generic, unique = [], [], [], []
+        for m, x in enumerate(features):
+            r = self.representations[m](x)
+            h = self.generic_dims[m]
+            generic.append(r[:, :h])
+            unique.append(r[:, h:])
+            x0 = normalize_rows(torch.cat([self.user_preference[m], self.item_mlps[m](r)], dim=0))
+            out = self.propagation(x0, ui_adj)
+            users.append(out[: self.num_users] * self.user_modality_weights[:, m : m + 1])
+            items.append(out[self.num_users :])
+        item = torch.cat(items, dim=1)
+        if item_adj is not None:
+            item = propagate_item_graph(item, item_adj, self.num_mm_layers)
+        return SEAOutput(torch.cat(users, dim=1), item, generic, unique)
+
+    def losses(
+        self,
+        out: SEAOutput,
+        users: Tensor,
+        pos_items: Tensor,
+        neg_items: Tensor,
+        perms: Sequence[Tensor] | None = None,
+    ) -> SEALosses:
+        """The loss parts of a batch.
+
+        Args:
+            out: :meth:`forward`'s output.
+            users, pos_items, neg_items: ``[B]`` index tensors.
+            perms: per modality a permutation of the ``I`` items for the CLUB negatives
+                (default: drawn with ``torch.randperm``, one per modality in order).
+        """
+        u = out.user[users]
+        bpr = bpr_loss((u * out.item[pos_items]).sum(-1), (u * out.item[neg_items]).sum(-1))
+        bpr = bpr / math.log(2.0)
+        # The bound with a frozen copy of the CLUB weights: the inner steps below may update
+        # the live weights in place before the outer backward pass.
+        frozen = {k: v.detach().clone() for k, v in self.club.named_parameters()}
+        mi = out.item.new_zeros(())
+        samples = []
+        for m in range(self.num_modalities):
+            a = self.generic_maps[m](out.generic[m])
+            b = self.unique_maps[m](out.unique[m])
+            perm = torch.randperm(a.size(0), device=a.device) if perms is None else perms[m]
+            mi = mi + functional_call(self.club, frozen, (a, b, perm))
+            samples.append((a, b))
+        mi = mi / self.num_modalities
+        proj = [head(g) for head, g in zip(self.projection_heads, out.generic, strict=True)]
+        pairs = list(itertools.combinations(range(self.num_modalities), 2))
+        align = sum(solosim_loss(proj[b], proj[a], self.temperature) for a, b in pairs)
+        return SEALosses(bpr, mi, align / len(pairs), samples)
+
+    def loss(self, parts: SEALosses) -> Tensor:
+        """:math:`\\mathrm{BPR}_2 + \\mathrm{ureg} \\cdot \\mathrm{mean}_m \\mathrm{CLUB}_m
+        + \\mathrm{alpha\\_contrast} \\cdot \\mathrm{Solosim}`."""
+        return parts.bpr + self.ureg * parts.mi + self.alpha_contrast * parts.align
+
+    def fit_club(self, samples: Sequence[tuple[Tensor, Tensor]], steps: int | None = None) -> float:
+        """``steps`` (default ``club_steps``) inner Adam steps of the CLUB network on the
+        detached pairs ``(a_m, b_m)``; returns the last negative log-likelihood."""
+        steps = self.club_steps if steps is None else steps
+        pairs = [(a.detach(), b.detach()) for a, b in samples]
+        value = float("nan")
+        if steps == 0:
+            return value
+        optimizer = self.club_optimizer
+        with torch.enable_grad():
+            for _ in range(steps):
+                nll = sum(self.club.learning_loss(a, b) for a, b in pairs)
+                optimizer.zero_grad(set_to_none=True)
+                nll.backward()
+                optimizer.step()
+                value = float(nll.detach())
+        optimizer.zero_grad(set_to_none=True)  # leave no gradients behind
+        return value
+
+    def training_loss(
+        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
+    ) -> Tensor:
+        """The batch loss; in training mode also takes the CLUB network's inner steps."""
+        item_adj = self._item_graph(inputs)
+        parts = self.losses(
+            self(inputs.features, inputs.ui_adj, item_adj), users, pos_items, neg_items
+        )
+        if self.training:
+            self.fit_club(parts.club_samples)
+        return self.loss(parts)
+
+    def _item_graph(self, inputs: GraphInputs) -> Any:
+        if inputs.item_adj is None and self.num_mm_layers > 0:
+            raise ValueError(
+                "SEA reads the modality item graph: build the inputs with "
+                "build_graph_inputs(..., uses_item_graph=True)"
+            )
+        return inputs.item_adj
+
+    def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
+        out = self(inputs.features, inputs.ui_adj, self._item_graph(inputs))
+        return out.user, out.item
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(num_users={self.num_users}, num_items={self.num_items}, "
+            f"feature_dims={self.feature_dims}, embedding_dim={self.embedding_dim}, "
+            f"num_layers={self.propagation.num_layers}, num_mm_layers={self.num_mm_layers}, "
+            f"temperature={self.temperature}, alpha_contrast={self.alpha_contrast}, "
+            f"ureg={self.ureg}, club_steps={self.club_steps})"
+        )

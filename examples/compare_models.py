@@ -1,0 +1,160 @@
+"""Compare models over small grids: select on validation Recall@20, report test mean ± std.
+
+python examples/compare_models.py --models bprmf,lightgcn --seeds 999,1000 --budget 2 --epochs 5
+python examples/compare_models.py --data-root ../shared/data --dataset tiktok \
+    --models cm3,lirdrec,sea --seeds 999,1000,1001 --budget 4 --out runs/compare-tiktok
+
+Writes results.md, results.csv, grid.csv, runs/<model>/<point>/seed<s>/metrics.json and,
+when matplotlib is installed (pip install 'cm3_pyg[plot]'), results.png. Finished runs whose
+configuration is unchanged are reused (--rerun retrains them). The logic lives in
+cm3_pyg.experiments.compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cm3_pyg.data import MMRecDataset, make_synthetic
+from cm3_pyg.errors import CM3Error
+from cm3_pyg.experiments import (
+    GRID_MODES,
+    plot_results,
+    run_comparison,
+    select_best,
+    summarize,
+    write_results,
+)
+from cm3_pyg.models import MODELS
+from cm3_pyg.training import parse_overrides
+
+DATA_ROOT_ENV = "CM3_DATA_ROOT"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-root", default=None, help=f"MMRec datasets folder (default ${DATA_ROOT_ENV})"
+    )
+    parser.add_argument("--dataset", default=None, help="dataset folder name; none: synthetic data")
+    parser.add_argument("--cache-dir", default=None, help="processed-data cache for read-only data")
+    parser.add_argument("--models", default="cm3,lirdrec,sea", help="comma-separated model names")
+    parser.add_argument(
+        "--seeds", type=_int_list, default=[999, 1000, 1001], help="e.g. 999,1000,1001"
+    )
+    parser.add_argument("--budget", type=int, default=None, help="at most N grid points per model")
+    parser.add_argument(
+        "--grid",
+        choices=GRID_MODES,
+        default="small",
+        help="small: one key at a time; full: product",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs of every run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default runs/compare-<dataset>)"
+    )
+    parser.add_argument(
+        "--synthetic-size",
+        default="3000,2000",
+        metavar="USERS,ITEMS",
+        help="synthetic data size without --dataset",
+    )
+    parser.add_argument("--rerun", action="store_true", help="retrain runs that already finished")
+    parser.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep every run's checkpoint.pt"
+    )
+    parser.add_argument("--progress", action="store_true", help="per-epoch progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        print(f"error: unknown model(s) {unknown}; available: {sorted(MODELS)}", file=sys.stderr)
+        return 2
+    try:
+        overrides = parse_overrides(args.overrides)
+        data_root = args.data_root or (os.environ.get(DATA_ROOT_ENV) if args.dataset else None)
+        if args.dataset:
+            if not data_root:
+                raise CM3Error(f"--dataset {args.dataset} needs --data-root or ${DATA_ROOT_ENV}")
+            dataset = MMRecDataset(
+                Path(data_root) / args.dataset,
+                name=args.dataset,
+                modalities=overrides.get("modalities"),
+                cache_dir=args.cache_dir,
+            )
+            data, name = dataset[0], args.dataset
+        else:
+            users, items = _int_list(args.synthetic_size)
+            data, name = make_synthetic(num_users=users, num_items=items), "synthetic"
+        out = Path(args.out or os.path.join("runs", f"compare-{name}"))
+        records = run_comparison(
+            data,
+            models,
+            args.seeds,
+            out,
+            dataset_name=name,
+            grid_mode=args.grid,
+            budget=args.budget,
+            epochs=args.epochs,
+            overrides=overrides,
+            reuse=not args.rerun,
+            keep_checkpoints=args.keep_checkpoints,
+            progress=args.progress,
+        )
+    except (CM3Error, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summaries = summarize(records)
+    selected = select_best(summaries)
+    meta = {
+        "dataset": name,
+        "models": ", ".join(models),
+        "seeds": ", ".join(map(str, args.seeds)),
+        "grid": args.grid,
+        "budget": args.budget if args.budget is not None else "all points",
+        "epochs": args.epochs if args.epochs is not None else "config default (early stopping)",
+    }
+    paths = write_results(out, summaries, selected, meta)
+    if plot_results(out / "results.png", selected):
+        paths.append(out / "results.png")
+    for model, s in selected.items():
+        logging.info(
+            "%s: valid R@20 %.4f, test R@20 %.4f ± %.4f at %s",
+            model,
+            s.valid_mean,
+            s.test_mean["recall@20"],
+            s.test_std["recall@20"],
+            s.point,
+        )
+    logging.info("wrote %s", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Model comparison (cm3_pyg.experiments.compare, examples/compare_models.py): grids, budget,
+selection on validation only, aggregation over seeds, output files, end-to-end runs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from cm3_pyg.data import make_synthetic
+from cm3_pyg.errors import ConfigError, NonFiniteLossError
+from cm3_pyg.experiments import (
+    RunRecord,
+    choose_points,
+    grid_points,
+    model_points,
+    point_slug,
+    run_comparison,
+    select_best,
+    summarize,
+    write_results,
+)
+from tests.conftest import REPO
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic(num_users=100, num_items=70, modality_dims={"image": 6}, seed=1)
+
+
+# --- grids and budget ---------------------------------------------------------------------------
+
+
+def test_grid_points_small_and_full():
+    defaults = {"a": 1, "b": "x", "c": 0.5, "other": 7}
+    grid = {"a": [1, 2, 3], "b": ["x", "y"], "c": [0.1]}
+    small = grid_points(defaults, grid, "small")
+    assert small == [
+        {"a": 1, "b": "x", "c": 0.5},  # the defaults first (c's default is not listed)
+        {"a": 2, "b": "x", "c": 0.5},
+        {"a": 3, "b": "x", "c": 0.5},
+        {"a": 1, "b": "y", "c": 0.5},
+        {"a": 1, "b": "x", "c": 0.1},
+    ]
+    full = grid_points(defaults, grid, "full")
+    assert full[0] == small[0] and len(full) == 1 + 3 * 2
+    assert {tuple(p.values()) for p in full[1:]} == {
+        (a, b, 0.1) for a in (1, 2, 3) for b in ("x", "y")
+    }
+    # listed defaults are not repeated
+    assert len(grid_points({"a": 2}, {"a": [1, 2, 3]}, "full")) == 3
+    assert grid_points({"a": 1}, {}, "small") == [{}]
+    with pytest.raises(ConfigError, match="grid mode"):
+        grid_points(defaults, grid, "huge")
+    with pytest.raises(ConfigError, match="no default"):
+        grid_points({}, {"a": [1]})
+    with pytest.raises(ConfigError, match="at least one value"):
+        grid_points({"a": 1}, {"a": []})
+
+
+def test_budget_keeps_the_defaults_and_is_deterministic():
+    points = [{"k": i} for i in range(10)]
+    assert choose_points(points, None) == points
+    assert choose_points(points, 50) == points
+    assert choose_points(points, 1) == [{"k": 0}]
+    three = choose_points(points, 3, seed=0)
+    assert len(three) == 3 and three[0] == {"k": 0}
+    assert three == choose_points(points, 3, seed=0)  # deterministic
+    assert [p["k"] for p in three] == sorted(p["k"] for p in three)  # grid order kept
+    # nested budgets: a larger budget extends a smaller one (the first N of one shuffle)
+    five = choose_points(points, 5, seed=0)
+    assert all(p in five for p in three)
+    assert any(choose_points(points, 3, seed=s) != three for s in range(1, 6))
+    with pytest.raises(ConfigError, match="budget"):
+        choose_points(points, 0)
+
+
+def test_model_points_from_the_yaml_grids():
+    cm3_small = model_points("cm3", "small")
+    assert len(cm3_small) == 1 + 1 + 1 + 1 + 2  # n_ui_layers, gamma, max_sim, alpha
+    assert cm3_small[0] == {"n_ui_layers": 3, "gamma": 0.9, "max_sim": 1.0, "alpha": 0.5}
+    assert len(model_points("cm3", "full")) == 2 * 2 * 2 * 3
+    assert len(model_points("lirdrec", "full")) == 3 * 2 * 3 * 3 * 3
+    capped = model_points("lirdrec", "full", budget=4)
+    assert len(capped) == 4 and capped[0] == model_points("lirdrec", "small")[0]
+    slugs = {point_slug(p) for p in model_points("lirdrec", "full")}
+    assert len(slugs) == 162 and all("/" not in s and " " not in s for s in slugs)
+    assert point_slug({}) == "default"
+    assert point_slug({"n_layers": 2, "reg_weight": 1e-05}) == "n_layers=2__reg_weight=1e-05"
+
+
+# --- aggregation and selection ------------------------------------------------------------------
+
+
+def record(model, point, seed, valid, test, seconds=(1.0, 2.0), stop="completed"):
+    metrics = {f"{m}@{k}": test for m in ("recall", "ndcg") for k in (10, 20)}
+    return RunRecord(
+        model=model,
+        point=dict(point),
+        seed=seed,
+        valid={"recall@20": valid},
+        test=metrics,
+        epoch_seconds=list(seconds),
+        stop_reason=stop,
+    )
+
+
+def fake_records():
+    """Validation and test disagree: the best-valid point has the worse test score."""
+    return [
+        record("m", {"x": 1}, 1, valid=0.30, test=0.10),
+        record("m", {"x": 1}, 2, valid=0.32, test=0.12),
+        record("m", {"x": 2}, 1, valid=0.20, test=0.50),  # test-best, valid-worse
+        record("m", {"x": 2}, 2, valid=0.22, test=0.52),
+        record("m", {"x": 3}, 1, valid=0.90, test=0.90, stop="non_finite_loss"),  # failed
+        record("m", {"x": 3}, 2, valid=0.90, test=0.90),
+        record("n", {"y": 1}, 1, valid=0.25, test=0.3),
+        record("n", {"y": 2}, 1, valid=0.25, test=0.4),  # a tie: the earlier point wins
+    ]
+
+
+def test_selection_uses_validation_only():
+    summaries = summarize(fake_records())
+    assert [(s.model, s.point) for s in summaries] == [
+        ("m", {"x": 1}),
+        ("m", {"x": 2}),
+        ("m", {"x": 3}),
+        ("n", {"y": 1}),
+        ("n", {"y": 2}),
+    ]
+    best = select_best(summaries)
+    assert best["m"].point == {"x": 1}  # valid 0.31 > 0.21 although its test is lower
+    assert best["n"].point == {"y": 1}
+    assert summaries[2].failed == 1 and not summaries[2].selectable
+    first = summaries[0]
+    assert first.valid_mean == pytest.approx(0.31)
+    assert first.valid_std == pytest.approx(statistics.stdev([0.30, 0.32]))
+    assert first.test_mean["recall@20"] == pytest.approx(0.11)
+    assert first.test_std["ndcg@10"] == pytest.approx(statistics.stdev([0.10, 0.12]))
+    assert first.seconds_per_epoch == 1.5 and first.seeds == [1, 2]
+    assert summaries[3].valid_std == 0.0  # one seed
+    # changing test metrics never changes the choice; changing validation does
+    flipped = fake_records()
+    for r in flipped:
+        r.test = {k: 1.0 - v for k, v in r.test.items()}
+    assert select_best(summarize(flipped))["m"].point == {"x": 1}
+    flipped[2].valid["recall@20"] = flipped[3].valid["recall@20"] = 0.5
+    assert select_best(summarize(flipped))["m"].point == {"x": 2}
+
+
+def test_write_results_files(tmp_path):
+    summaries = summarize(fake_records())
+    selected = select_best(summaries)
+    paths = write_results(tmp_path, summaries, selected, {"dataset": "fake"})
+    assert [p.name for p in paths] == ["results.md", "results.csv", "grid.csv"]
+    md = (tmp_path / "results.md").read_text()
+    assert "VALIDATION recall@20" in md and "- dataset: fake" in md
+    assert "| m | x=1 | 0.3100 ± 0.0141 | 0.1100 ± 0.0141 |" in md
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["m", "n"]
+    assert json.loads(rows[0]["params"]) == {"x": 1}
+    assert float(rows[0]["test_recall@20_mean"]) == pytest.approx(0.11)
+    assert float(rows[0]["seconds_per_epoch_median"]) == 1.5
+    grid = list(csv.DictReader((tmp_path / "grid.csv").open()))
+    assert len(grid) == 5 and [r["selected"] for r in grid] == ["1", "0", "0", "1", "0"]
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def test_run_comparison_configs_and_validation_selection_with_a_fake_runner(tiny, tmp_path):
+    seen = []
+    # validation prefers reg_weight=2.0, test prefers the default 0.001
+    scores = {2.0: (0.4, 0.1), 0.001: (0.2, 0.9)}
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        seen.append((name, config["reg_weight"], config["seed"], config["epochs"], str(out_dir)))
+        if config["reg_weight"] == 1.0:  # a diverging point: never selected
+            raise NonFiniteLossError(1, 1, 1, float("nan"))
+        valid, test = scores.get(config["reg_weight"], (0.0, 0.0))
+        metrics = {
+            "valid": {"recall@20": valid},
+            "test": {f"{m}@{k}": test for m in ("recall", "ndcg") for k in (10, 20)},
+            "epoch_seconds": [0.5],
+            "best_epoch": 1,
+            "stop_reason": "completed",
+            "config": config,
+        }
+        return metrics
+
+    records = run_comparison(
+        tiny, ["bprmf"], [5, 6], tmp_path, budget=None, epochs=3, runner=runner
+    )
+    points = model_points("bprmf", "small")
+    assert len(records) == 2 * len(points) == len(seen)
+    assert {(s[2], s[3]) for s in seen} == {(5, 3), (6, 3)}
+    assert seen[0][4] == str(tmp_path / "runs" / "bprmf" / "reg_weight=0.001" / "seed5")
+    summaries = summarize(records)
+    assert [s.failed for s in summaries if s.point == {"reg_weight": 1.0}] == [2]
+    best = select_best(summaries)["bprmf"]
+    assert best.point == {"reg_weight": 2.0} and best.test_mean["recall@20"] == 0.1
+    with pytest.raises(ConfigError, match="needs at least 2 item modalities"):
+        run_comparison(tiny, ["sea"], [1], tmp_path, runner=runner)
+    with pytest.raises(ConfigError, match="unknown model"):
+        run_comparison(tiny, ["nope"], [1], tmp_path, runner=runner)
+
+
+def test_end_to_end_two_cheap_models_reuses_finished_runs(tiny, tmp_path):
+    kwargs = {"budget": 2, "epochs": 1, "overrides": {"train_batch_size": 1024}}
+    records = run_comparison(tiny, ["bprmf", "lightgcn"], [999, 1000], tmp_path, **kwargs)
+    assert len(records) == 2 * 2 * 2
+    for r in records:
+        folder = tmp_path / "runs" / r.model / r.slug / f"seed{r.seed}"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["config"]["seed"] == r.seed and metrics["epochs_run"] == 1
+        assert not (folder / "checkpoint.pt").exists()
+        assert 0.0 <= r.test["recall@20"] <= 1.0 and r.valid == metrics["valid"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was retrained")
+
+    again = run_comparison(
+        tiny, ["bprmf", "lightgcn"], [999, 1000], tmp_path, runner=fail, **kwargs
+    )
+    assert [(r.model, r.point, r.seed, r.test) for r in again] == [
+        (r.model, r.point, r.seed, r.test) for r in records
+    ]
+
+
+def test_compare_script_on_synthetic_data(tmp_path):
+    out = tmp_path / "cmp"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "compare_models.py"),
+            "--models",
+            "bprmf,lightgcn",
+            "--seeds",
+            "999,1000",
+            "--budget",
+            "2",
+            "--epochs",
+            "1",
+            "--synthetic-size",
+            "150,100",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    md = (out / "results.md").read_text()
+    assert "| bprmf |" in md and "| lightgcn |" in md and "- dataset: synthetic" in md
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["bprmf", "lightgcn"]
+    for row in rows:
+        assert row["seeds"] == "999 1000"
+        for seed in (999, 1000):
+            metrics = out / "runs" / row["model"] / row["point"] / f"seed{seed}" / "metrics.json"
+            assert json.loads(metrics.read_text())["dataset"] == "synthetic"
+    assert len(list((out / "runs" / "lightgcn").iterdir())) == 2  # the budget
+    assert (out / "results.png").exists() == HAS_MATPLOTLIB
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "compare_models.py"), "--models", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert bad.returncode == 2 and "unknown model" in bad.stderr

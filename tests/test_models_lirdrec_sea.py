@@ -1,0 +1,542 @@
+"""LIRDRec and SEA: the DCT, shapes, losses re-derived with dense float64 algebra, progressive
+weight copying, the CLUB network's separate optimizer, learning, determinism and complete runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cm3_pyg.data import make_synthetic
+from cm3_pyg.errors import ConfigError
+from cm3_pyg.models import MODELS, SEA, GraphInputs, LIRDRec, get_model_class
+from cm3_pyg.models.lirdrec import dct_matrix, dct_rows, progressive_mixing_weights
+from cm3_pyg.models.sea import CLUB
+from cm3_pyg.training import (
+    CHECKPOINT_NAME,
+    NegativeSampler,
+    Trainer,
+    build_graph_inputs,
+    get_splits,
+    load_checkpoint,
+    load_config,
+    run_experiment,
+    seed_everything,
+)
+
+NAMES = ["lirdrec", "sea"]
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(
+        num_users=120, num_items=80, modality_dims={"image": 8, "text": 6, "audio": 5}, seed=0
+    )
+
+
+def build(name, data, seed=0, **overrides):
+    cls = get_model_class(name)
+    config = load_config(cls.default_config(), overrides={"embedding_size": DIM, **overrides})
+    if name == "sea":  # keep the tests quick: a few inner CLUB steps, small heads
+        config.update(club_steps=5, proj_hidden_dim=8, proj_out_dim=8, club_dim=8)
+    seed_everything(seed)
+    inputs = build_graph_inputs(data, config, uses_item_graph=cls.uses_item_graph)
+    return cls.from_config(config, inputs), inputs, config
+
+
+def a_batch(data, size=96, seed=0):
+    train = data["user", "rates", "item"].edge_index
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(train.size(1), generator=g)[:size]
+    users, pos = train[0, rows], train[1, rows]
+    neg = NegativeSampler(train, int(data["item"].num_nodes)).sample(users, g)
+    return users, pos, neg
+
+
+def as_double(inputs: GraphInputs) -> GraphInputs:
+    return GraphInputs(
+        num_users=inputs.num_users,
+        num_items=inputs.num_items,
+        features=[f.double() for f in inputs.features],
+        modalities=list(inputs.modalities),
+        ui_adj=inputs.ui_adj.to(torch.float64),
+        item_adj=inputs.item_adj.to(torch.float64),
+    )
+
+
+# --- independent dense float64 re-derivations -------------------------------------------------
+
+
+def dense_ui_adjacency(data) -> torch.Tensor:
+    nu, ni = int(data["user"].num_nodes), int(data["item"].num_nodes)
+    users, items = data["user", "rates", "item"].edge_index
+    a = torch.zeros(nu + ni, nu + ni, dtype=torch.float64)
+    a[users, nu + items] = 1.0
+    a[nu + items, users] = 1.0
+    deg = a.sum(1)
+    inv = torch.where(deg > 0, deg.clamp_min(1.0).rsqrt(), torch.zeros_like(deg))
+    return inv[:, None] * a * inv[None, :]
+
+
+def layer_sum(adj, x, layers):
+    out, h = x, x
+    for _ in range(layers):
+        h = adj @ h
+        out = out + h
+    return out
+
+
+def linear(layer, x):
+    return x @ layer.weight.t() + (0.0 if layer.bias is None else layer.bias)
+
+
+def mlp(seq, x):  # Linear, LeakyReLU, Linear
+    return linear(seq[2], F.leaky_relu(linear(seq[0], x), 0.01))
+
+
+def naive_dct(x):
+    """DCT-II (orthonormal) of each row by its definition, no phase reduction."""
+    n = x.size(1)
+    j = torch.arange(n, dtype=torch.float64)
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    basis = torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
+    scale = torch.full((n, 1), math.sqrt(2.0 / n), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / n)
+    return x @ (scale * basis).t()
+
+
+def lirdrec_reference(model, data, inputs, users, pos, neg):
+    adj = dense_ui_adjacency(data)
+    s = inputs.item_adj.to_dense()
+    feats = inputs.features
+    channels = [mlp(enc, x) for enc, x in zip(model.encoders, feats, strict=True)]
+    channels.append(mlp(model.dct_encoder, torch.cat([naive_dct(x) for x in feats], 1)))
+    x0 = torch.cat(
+        [
+            F.normalize(torch.cat([model.user_embedding[c], z]), dim=1)
+            for c, z in enumerate(channels)
+        ],
+        dim=1,
+    )
+    h = layer_sum(adj, x0, model.propagation.num_layers)
+    nu = model.num_users
+    user_parts = h[:nu].split(model.embedding_dim, dim=1)
+    # PWC with the closed form of the mixing weights: w1/w2 = r0 * base^(e(e+1)/2)
+    e = int(model.pwc.epoch)
+    ratio = (
+        model.pwc.decay_weight
+        / (1 - model.pwc.decay_weight)
+        * model.pwc.decay_base ** (e * (e + 1) / 2)
+    )
+    w1, w2 = ratio / (1 + ratio), 1 / (1 + ratio)
+    scores = torch.cat(
+        [
+            linear(sc[2], F.leaky_relu(linear(sc[0], p), 0.01))
+            for sc, p in zip(model.pwc.scorers, user_parts, strict=True)
+        ],
+        1,
+    )
+    att = torch.softmax(w1 * scores + w2 * model.pwc.theta, dim=1)
+    user = torch.cat([att[:, c : c + 1] * p for c, p in enumerate(user_parts)], 1)
+    item = h[nu:] + s @ h[nu:]
+    u = user[users]
+    bpr = -torch.log(torch.sigmoid((u * item[pos]).sum(1) - (u * item[neg]).sum(1))).mean()
+    return bpr + model.reg_weight * ((user**2).mean() + (item**2).mean())
+
+
+def batchnorm_eval(bn, x):
+    return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+def head_eval(head, x):
+    x = F.relu(batchnorm_eval(head[1], linear(head[0], x)))
+    x = F.relu(batchnorm_eval(head[4], linear(head[3], x)))
+    return F.normalize(linear(head[6], x), dim=1)
+
+
+def club_bound_reference(club, x, y, perm):
+    mu = linear(club.mu[2], F.relu(linear(club.mu[0], x)))
+    logvar = torch.tanh(linear(club.logvar[2], F.relu(linear(club.logvar[0], x))))
+    positive = (-((mu - y) ** 2) / logvar.exp() / 2.0 - logvar / 2.0).sum(1)
+    negative = (-((mu - y[perm]) ** 2) / logvar.exp() / 2.0 - logvar / 2.0).sum(1)
+    return torch.clamp((positive - negative).mean() / 2.0, min=0.0)
+
+
+def sea_reference(model, data, inputs, users, pos, neg, perms):
+    adj = dense_ui_adjacency(data)
+    s = inputs.item_adj.to_dense()
+    nu = model.num_users
+    user_parts, item_parts, mi, proj = [], [], 0.0, []
+    for m, x in enumerate(inputs.features):
+        r = linear(model.representations[m], x)
+        half = x.size(1) // 2
+        g, uq = r[:, :half], r[:, half:]
+        z = linear(model.item_mlps[m][2], F.leaky_relu(linear(model.item_mlps[m][0], r), 0.01))
+        x0 = F.normalize(torch.cat([model.user_preference[m], z]), dim=1)
+        h = layer_sum(adj, x0, model.propagation.num_layers)
+        user_parts.append(h[:nu] * model.user_modality_weights[:, m : m + 1])
+        item_parts.append(h[nu:])
+        a, b = linear(model.generic_maps[m], g), linear(model.unique_maps[m], uq)
+        mi = mi + club_bound_reference(model.club, a, b, perms[m])
+        proj.append(head_eval(model.projection_heads[m], g))
+    user = torch.cat(user_parts, 1)
+    item = torch.cat(item_parts, 1)
+    item = item + s @ item
+    u = user[users]
+    bpr = -torch.mean(torch.log2(torch.sigmoid((u * item[pos]).sum(1) - (u * item[neg]).sum(1))))
+    align, pairs = 0.0, 0
+    for a in range(len(proj)):
+        for b in range(a + 1, len(proj)):
+            v1, v2 = F.normalize(proj[b], dim=1), F.normalize(proj[a], dim=1)
+            align = align - torch.diag(F.log_softmax(v1 @ v2.t() / model.temperature, dim=1)).mean()
+            pairs += 1
+    m = len(proj)
+    return bpr + model.ureg * mi / m + model.alpha_contrast * align / pairs
+
+
+# --- DCT ----------------------------------------------------------------------------------------
+
+
+def test_dct_matrix_matches_the_definition_and_is_orthonormal():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5, 8, 13):
+        x = torch.randn(4, n, generator=g, dtype=torch.float64)
+        # an independent O(n^2) evaluation with Python's math.cos
+        want = torch.tensor(
+            [
+                [
+                    (math.sqrt(1.0 / n) if k == 0 else math.sqrt(2.0 / n))
+                    * sum(
+                        float(row[j]) * math.cos(math.pi * (2 * j + 1) * k / (2 * n))
+                        for j in range(n)
+                    )
+                    for k in range(n)
+                ]
+                for row in x
+            ],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(dct_rows(x), want, rtol=0, atol=1e-12)
+        c = dct_matrix(n)
+        assert c.dtype == torch.float64 and c.shape == (n, n)
+        torch.testing.assert_close(c @ c.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    # large n: the exact phase reduction keeps it orthonormal to float64 precision
+    c = dct_matrix(1500)
+    torch.testing.assert_close(c @ c.t(), torch.eye(1500, dtype=torch.float64), rtol=0, atol=1e-11)
+    x = torch.randn(3, 1500, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dct_rows(x), naive_dct(x), rtol=0, atol=1e-9)
+    # energy preserved; constant rows map to the first coefficient only; float32 follows
+    torch.testing.assert_close(dct_rows(x).norm(dim=1), x.norm(dim=1))
+    const = dct_rows(torch.full((1, 6), 2.0))
+    assert const.dtype == torch.float32
+    torch.testing.assert_close(
+        const, torch.tensor([[2.0 * math.sqrt(6.0), 0, 0, 0, 0, 0]]), atol=1e-6, rtol=0
+    )
+    with pytest.raises(ValueError):
+        dct_matrix(0)
+
+
+# --- registry, shapes ---------------------------------------------------------------------------
+
+
+def test_registry_yaml_defaults_and_grids():
+    assert set(NAMES) <= set(MODELS)
+    assert (LIRDRec.min_modalities, SEA.min_modalities) == (1, 2)
+    assert LIRDRec.uses_item_graph and SEA.uses_item_graph
+    for name in NAMES:
+        cls = get_model_class(name.upper())
+        defaults, grid = cls.default_config(), cls.default_grid()
+        assert load_config(defaults)["learning_rate"] == 1e-4  # the references' learning rate
+        assert "grid" not in defaults and grid
+        for key, values in grid.items():
+            assert key in defaults, (name, key)
+            for value in values:
+                assert load_config(defaults, overrides={key: value})[key] == value
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_embed_and_recommend(name, data):
+    model, inputs, _ = build(name, data)
+    assert repr(model).startswith(type(model).__name__ + "(")
+    user, item = model.compute_embeddings(inputs)
+    width = {"lirdrec": 4 * DIM, "sea": 3 * DIM}[name]  # M + 1 channels / M modalities
+    assert user.shape == (120, width) and item.shape == (80, width)
+    loss = model.training_loss(inputs, *a_batch(data))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    model.embed(inputs)
+    top = model.recommend(torch.tensor([0, 5, 7]), k=10)
+    assert top.shape == (3, 10) and top.dtype == torch.int64
+    # the item graph is required
+    no_graph = GraphInputs(120, 80, inputs.features, inputs.modalities, inputs.ui_adj, None)
+    with pytest.raises(ValueError, match="item graph"):
+        model.compute_embeddings(no_graph)
+
+
+def test_modality_requirements(data):
+    one = build("lirdrec", data, modalities=["text"])[0]
+    assert one.num_channels == 2
+    with pytest.raises(ValueError, match="at least two item modalities"):
+        build("sea", data, modalities=["text"])
+    two, inputs, _ = build("sea", data, modalities=["image", "text"])
+    assert two.num_modalities == 2 and torch.isfinite(two.training_loss(inputs, *a_batch(data)))
+    cls = get_model_class("sea")
+    config = load_config(cls.default_config(), overrides={"modalities": ["audio"], "epochs": 1})
+    with pytest.raises(ConfigError, match="needs at least 2 item modalities"):
+        run_experiment(data, "sea", config, progress=False)
+
+
+# --- losses against dense float64 derivations ----------------------------------------------------
+
+
+def _check_grads(got, want, params):
+    got_grads = torch.autograd.grad(got, params, retain_graph=True, allow_unused=True)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+
+
+def test_lirdrec_loss_and_gradients_match_dense_float64(data):
+    model, inputs, _ = build("lirdrec", data, reg_weight=0.05, n_ui_layers=2)
+    model = model.double().eval()
+    with torch.no_grad():  # a later epoch: mixing weights away from the initial ones
+        model.pwc.epoch.fill_(3)
+        torch.nn.init.normal_(model.pwc.theta, std=0.5)
+    inputs64 = as_double(inputs)
+    users, pos, neg = a_batch(data)
+    got = model.training_loss(inputs64, users, pos, neg)
+    want = lirdrec_reference(model, data, inputs64, users, pos, neg)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    _check_grads(got, want, list(model.parameters()))
+
+
+def test_sea_loss_and_gradients_match_dense_float64(data):
+    model, inputs, _ = build("sea", data, ureg=0.5, alpha_contrast=0.3)  # three modalities
+    model = model.double().eval()
+    assert next(model.club.parameters()).dtype == torch.float64  # .double() reaches the CLUB
+    inputs64 = as_double(inputs)
+    users, pos, neg = a_batch(data)
+    g = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(80, generator=g) for _ in range(3)]
+    out = model(inputs64.features, inputs64.ui_adj, inputs64.item_adj)
+    parts = model.losses(out, users, pos, neg, perms=perms)
+    got = model.loss(parts)
+    assert float(parts.mi.detach()) > 0  # the clamp is not active: the bound's gradient is tested
+    want = sea_reference(model, data, inputs64, users, pos, neg, perms)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    _check_grads(got, want, list(model.parameters()))
+    # the outer loss never writes gradients into the CLUB network
+    got.backward()
+    assert all(p.grad is None for p in model.club.parameters())
+
+
+# --- LIRDRec: progressive weight copying --------------------------------------------------------
+
+
+def test_progressive_mixing_weights_closed_form():
+    for w0, base in ((0.9, 0.9), (0.95, 0.5), (0.99, 1.0)):
+        for e in range(8):
+            ratio = w0 / (1 - w0) * base ** (e * (e + 1) / 2)
+            w1, w2 = progressive_mixing_weights(w0, base, e)
+            assert math.isclose(w1, ratio / (1 + ratio), rel_tol=1e-12)
+            assert math.isclose(w1 + w2, 1.0, rel_tol=1e-12)
+
+
+def test_lirdrec_copies_the_last_attention_at_each_epoch_start(data):
+    model, inputs, _ = build("lirdrec", data)
+    splits = get_splits(data)
+    num_edges = splits.train.size(1)
+    pwc = model.pwc
+    theta0 = pwc.theta.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    batch = 200
+    last_att = None
+    for epoch in (1, 2, 3):
+        theta_before = pwc.theta.detach().clone()
+        model.on_epoch_start(epoch, inputs)  # as the trainer does
+        for start in range(0, num_edges, batch):
+            rows = torch.arange(start, min(start + batch, num_edges))
+            users, pos = splits.train[0, rows], splits.train[1, rows]
+            neg = NegativeSampler(splits.train, 80).sample(users)
+            loss = model.training_loss(inputs, users, pos, neg)
+            if start == 0:  # the epoch started just before: theta <- last attention
+                assert int(pwc.epoch) == epoch
+                assert pwc.mixing_weights() == progressive_mixing_weights(0.95, 0.9, epoch)
+                expected = theta0 if epoch == 1 else last_att
+                torch.testing.assert_close(pwc.theta.detach(), expected)
+                if epoch > 1:
+                    assert not torch.equal(theta_before, expected)
+            else:
+                assert int(pwc.epoch) == epoch
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            last_att = pwc.last_attention.clone()
+    # the remembered attention is the softmax of the last training forward (rows sum to 1)
+    torch.testing.assert_close(last_att.sum(1), torch.ones(120))
+    # evaluation neither advances the epoch nor overwrites the remembered attention
+    model.embed(inputs)
+    model.eval()
+    model.training_loss(inputs, *a_batch(data))
+    assert int(pwc.epoch) == 3 and torch.equal(pwc.last_attention, last_att)
+    # the state is saved with the model
+    fresh, _, _ = build("lirdrec", data, seed=7)
+    fresh.load_state_dict(model.state_dict())
+    assert int(fresh.pwc.epoch) == 3 and torch.equal(fresh.pwc.last_attention, last_att)
+    model.start_epoch()
+    assert int(pwc.epoch) == 4 and torch.equal(pwc.theta.detach(), last_att)
+
+
+def test_lirdrec_caches_the_dct_features(data):
+    model, inputs, _ = build("lirdrec", data)
+    first = model.dct_features(inputs.features)
+    assert model.dct_features(inputs.features) is first
+    torch.testing.assert_close(
+        first,
+        torch.cat([naive_dct(x.double()).float() for x in inputs.features], 1),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    copies = [x.clone() for x in inputs.features]
+    assert model.dct_features(copies) is not first  # new tensors: recomputed
+
+
+# --- SEA: the CLUB network and its own optimizer -------------------------------------------------
+
+
+def test_sea_club_network_is_outside_the_outer_optimizer(data):
+    model, inputs, config = build("sea", data)
+    club_params = list(model.club.parameters())
+    club_ids = {id(p) for p in club_params}
+    assert club_params and not club_ids & {id(p) for p in model.parameters()}
+    assert not any("club" in name for name, _ in model.named_parameters())
+    assert not any(isinstance(m, CLUB) for m in model.modules())
+    trainer = Trainer(model, inputs, get_splits(data), {**config, "epochs": 1}, progress=False)
+    outer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert outer == {id(p) for p in model.parameters()} and not outer & club_ids
+    assert model.club_optimizer.param_groups[0]["lr"] == config["learning_rate"]
+
+    users, pos, neg = a_batch(data)
+    # eval mode: no inner steps
+    model.eval()
+    before = [p.detach().clone() for p in club_params]
+    model.training_loss(inputs, users, pos, neg)
+    assert all(torch.equal(a, b) for a, b in zip(before, club_params, strict=True))
+    # training mode: the inner optimizer fits the CLUB network to the batch's pairs
+    model.train()
+    out = model(inputs.features, inputs.ui_adj, inputs.item_adj)
+    samples = model.losses(out, users, pos, neg).club_samples
+
+    def nll():
+        with torch.no_grad():
+            return sum(float(model.club.learning_loss(a, b)) for a, b in samples)
+
+    start = nll()
+    loss = model.training_loss(inputs, users, pos, neg)
+    after_inner = [p.detach().clone() for p in club_params]
+    assert not all(torch.equal(a, b) for a, b in zip(before, after_inner, strict=True))
+    model.fit_club(samples, steps=30)
+    assert nll() < start
+    # the outer backward/step leaves the CLUB network alone (and the outer loss is usable
+    # although the inner steps changed its weights in place)
+    fitted = [p.detach().clone() for p in club_params]
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    trainer.optimizer.step()
+    assert all(p.grad is None for p in club_params)
+    assert all(torch.equal(a, b) for a, b in zip(fitted, club_params, strict=True))
+    # the CLUB weights and the inner optimizer state are part of the model's state_dict
+    state = model.state_dict()
+    assert "_extra_state" in state and state["_extra_state"]["club_optimizer"] is not None
+    fresh, _, _ = build("sea", data, seed=3)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.club.parameters(), club_params, strict=True))
+    got_state = fresh.club_optimizer.state_dict()["state"]
+    want_state = model.club_optimizer.state_dict()["state"]
+    assert got_state.keys() == want_state.keys()
+    for k in want_state:
+        assert torch.equal(got_state[k]["exp_avg"], want_state[k]["exp_avg"])
+
+
+# --- learning, determinism, complete runs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_few_optimizer_steps_lower_the_loss(name, data):
+    model, inputs, _ = build(name, data)
+    users, pos, neg = a_batch(data, size=256)
+
+    def eval_loss():
+        model.eval()
+        torch.manual_seed(0)  # SEA's CLUB negatives
+        with torch.no_grad():
+            return float(model.training_loss(inputs, users, pos, neg))
+
+    before = eval_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(15):
+        loss = model.training_loss(inputs, users, pos, neg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert eval_loss() < before
+
+
+def trained_embeddings(name, data, seed):
+    model, inputs, _ = build(name, data, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(3):
+        loss = model.training_loss(inputs, *a_batch(data, size=64, seed=step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.embed(inputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_under_a_fixed_seed(name, data):
+    first = trained_embeddings(name, data, seed=5)
+    second = trained_embeddings(name, data, seed=5)
+    other = trained_embeddings(name, data, seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[1], other[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_run_experiment_and_bit_identical_resume(name, data, tmp_path):
+    cls = get_model_class(name)
+    overrides = {"epochs": 2, "train_batch_size": 512, "embedding_size": DIM}
+    if name == "sea":
+        overrides.update(club_steps=5, ureg=1.0)
+    config = load_config(cls.default_config(), overrides=overrides)
+    full = run_experiment(data, name, config, out_dir=tmp_path / "full", progress=False)
+    assert full["model"] == name and full["epochs_run"] == 2
+    assert 0.0 <= full["test"]["recall@20"] <= 1.0
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["model"] == name
+    # one epoch, then resume from the checkpoint (PWC buffers / CLUB state included)
+    run_experiment(data, name, {**config, "epochs": 1}, out_dir=tmp_path / "cut", progress=False)
+    resumed = run_experiment(
+        data, name, config, out_dir=tmp_path / "cut", progress=False, resume=True
+    )
+    assert resumed["valid"] == full["valid"] and resumed["test"] == full["test"]
+    # the final weights (and the CLUB network / PWC state) are bit-identical too
+    want = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["trainer"]["model"]
+    got = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["trainer"]["model"]
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key == "_extra_state":  # SEA: the CLUB weights and its optimizer's moments
+            for k, w in value["club"].items():
+                assert torch.equal(got[key]["club"][k], w), k
+            for k, w in value["club_optimizer"]["state"].items():
+                assert torch.equal(got[key]["club_optimizer"]["state"][k]["exp_avg"], w["exp_avg"])
+        else:
+            assert torch.equal(got[key], value), key
