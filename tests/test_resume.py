@@ -45,16 +45,6 @@ def _csv_rows(folder: Path) -> list[dict[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP threads waiting
-    for each other make every op ~10x slower; one thread keeps these tests fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return make_synthetic(**SIZES)
@@ -169,7 +159,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
     args += [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    # Default threading on purpose: bit-identical resume must not depend on one thread.
+    env = dict(os.environ)
 
     def start(*extra: str, log: str) -> subprocess.Popen[bytes]:
         with open(tmp_path / log, "wb") as fh:

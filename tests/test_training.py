@@ -149,3 +149,31 @@ def test_cli_trains_and_reports_bad_config(tmp_path):
         timeout=300,
     )
     assert missing.returncode == 2 and "nothing" in missing.stderr
+
+
+@pytest.mark.parametrize("name", sorted(__import__("cm3_pyg.models", fromlist=["MODELS"]).MODELS))
+def test_gradients_are_bit_identical_across_repeats(name, tiny_synthetic):
+    # Guards against ops whose multi-threaded CPU backward is order-dependent (in torch
+    # 2.13, the backward of x[idx] is; models gather rows with index_select instead).
+    from cm3_pyg.models import get_model_class
+    from cm3_pyg.training import build_graph_inputs
+
+    cls = get_model_class(name)
+    config = load_config(cls.default_config())
+    inputs = build_graph_inputs(tiny_synthetic, config, uses_item_graph=cls.uses_item_graph)
+    train = tiny_synthetic["user", "rates", "item"].edge_index
+    users, pos = train[:, :1024]
+    neg = torch.randint(inputs.num_items, users.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        model = cls.from_config(config, inputs)
+        model.eval()  # no dropout or random fusion, so repeats must agree exactly
+        model.training_loss(inputs, users, pos, neg).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0], f"{name}: no gradients"
+    for other in grads[1:]:
+        for key, value in grads[0].items():
+            assert torch.equal(value, other[key]), (
+                f"{name}: gradient of {key} differs between repeats"
+            )

@@ -70,7 +70,7 @@ def symmetric_bipartite_adjacency(
     users, items = edge_index
     deg_u = torch.bincount(users, minlength=num_users).to(torch.float32)
     deg_i = torch.bincount(items, minlength=num_items).to(torch.float32)
-    weight = (deg_u[users] * deg_i[items]).rsqrt()
+    weight = (deg_u.index_select(0, users) * deg_i.index_select(0, items)).rsqrt()
     shifted = items + num_users
     index = torch.stack([torch.cat([users, shifted]), torch.cat([shifted, users])])
     return to_adjacency(index, torch.cat([weight, weight]), num_users + num_items, backend=backend)
@@ -105,7 +105,7 @@ class FeatureOffsets(torch.nn.Module):
     def forward(self, m: int, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """Modality ``m``'s features ``x`` (all items, or those in ``rows``), corrected."""
         if rows is not None:
-            x = x[rows]
+            x = x.index_select(0, rows)
         if not self.enabled:
             return x
-        return x + (self.offsets[m] if rows is None else self.offsets[m][rows])
+        return x + (self.offsets[m] if rows is None else self.offsets[m].index_select(0, rows))

@@ -163,7 +163,7 @@ class BM3(Recommender):
     ) -> BM3Losses:
         """The loss parts of a batch of ``[B]`` interactions ``(users, items)``."""
         user_all, item_all = out
-        u, i = user_all[users], item_all[items]
+        u, i = user_all.index_select(0, users), item_all.index_select(0, items)
         u_target, i_target = self._target(u), self._target(i)
         rec = _one_minus_cos(self.predictor(u), i_target) + _one_minus_cos(
             self.predictor(i), u_target

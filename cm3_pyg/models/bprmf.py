@@ -77,7 +77,11 @@ class BPRMF(Recommender):
     ) -> Tensor:
         """BPR plus the embedding penalty of one batch of ``[B]`` index tensors."""
         user_emb, item_emb = out
-        u, i, j = user_emb[users], item_emb[pos_items], item_emb[neg_items]
+        u, i, j = (
+            user_emb.index_select(0, users),
+            item_emb.index_select(0, pos_items),
+            item_emb.index_select(0, neg_items),
+        )
         ranking = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
         return ranking + self.reg_weight * embedding_norm_penalty(u, i, j)
 

@@ -193,10 +193,12 @@ class CM3(Recommender):
 
     def loss(self, out: CM3Output, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         """CM3's loss of one batch (see the class docstring); inputs are ``[B]`` index tensors."""
-        u = normalize_rows(out.user[users])
-        i = normalize_rows(out.item[pos_items])
-        j = normalize_rows(out.item[neg_items])
-        sim = cosine_similarity_matrix(out.fused[neg_items], self.min_sim, self.max_sim)
+        u = normalize_rows(out.user.index_select(0, users))
+        i = normalize_rows(out.item.index_select(0, pos_items))
+        j = normalize_rows(out.item.index_select(0, neg_items))
+        sim = cosine_similarity_matrix(
+            out.fused.index_select(0, neg_items), self.min_sim, self.max_sim
+        )
         uniform = uniformity_loss(u, self.temperature) + calibrated_uniformity_loss(
             j, sim, self.temperature
         )

@@ -228,8 +228,11 @@ class FREEDOM(Recommender):
     ) -> Tensor:
         """FREEDOM's loss of one batch (see the class docstring)."""
         user_emb, item_emb = out
-        u = user_emb[users]
-        total = bpr_loss((u * item_emb[pos_items]).sum(-1), (u * item_emb[neg_items]).sum(-1))
+        u = user_emb.index_select(0, users)
+        total = bpr_loss(
+            (u * item_emb.index_select(0, pos_items)).sum(-1),
+            (u * item_emb.index_select(0, neg_items)).sum(-1),
+        )
         batch = self.modality_embeddings(features, torch.cat([pos_items, neg_items]))
         for f in batch:
             i, j = f.split(pos_items.numel())

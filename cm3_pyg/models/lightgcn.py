@@ -87,10 +87,18 @@ class LightGCN(Recommender):
     ) -> Tensor:
         """BPR on the propagated rows plus the penalty on the layer-0 rows of the batch."""
         user_emb, item_emb = out
-        u, i, j = user_emb[users], item_emb[pos_items], item_emb[neg_items]
+        u, i, j = (
+            user_emb.index_select(0, users),
+            item_emb.index_select(0, pos_items),
+            item_emb.index_select(0, neg_items),
+        )
         ranking = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
         ego = self.item_embedding
-        penalty = embedding_norm_penalty(self.user_embedding[users], ego[pos_items], ego[neg_items])
+        penalty = embedding_norm_penalty(
+            self.user_embedding.index_select(0, users),
+            ego.index_select(0, pos_items),
+            ego.index_select(0, neg_items),
+        )
         return ranking + self.reg_weight * penalty
 
     def training_loss(

@@ -334,8 +334,11 @@ class LIRDRec(Recommender):
     ) -> Tensor:
         """BPR on the batch plus ``reg_weight`` times the mean squares of the whole tables."""
         user_emb, item_emb = out
-        u = user_emb[users]
-        ranking = bpr_loss((u * item_emb[pos_items]).sum(-1), (u * item_emb[neg_items]).sum(-1))
+        u = user_emb.index_select(0, users)
+        ranking = bpr_loss(
+            (u * item_emb.index_select(0, pos_items)).sum(-1),
+            (u * item_emb.index_select(0, neg_items)).sum(-1),
+        )
         penalty = user_emb.pow(2).mean() + item_emb.pow(2).mean()
         return ranking + self.reg_weight * penalty
 

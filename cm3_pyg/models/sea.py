@@ -376,8 +376,11 @@ class SEA(Recommender):
             perms: per modality a permutation of the ``I`` items for the CLUB negatives
                 (default: drawn with ``torch.randperm``, one per modality in order).
         """
-        u = out.user[users]
-        bpr = bpr_loss((u * out.item[pos_items]).sum(-1), (u * out.item[neg_items]).sum(-1))
+        u = out.user.index_select(0, users)
+        bpr = bpr_loss(
+            (u * out.item.index_select(0, pos_items)).sum(-1),
+            (u * out.item.index_select(0, neg_items)).sum(-1),
+        )
         bpr = bpr / math.log(2.0)
         # The bound with a frozen copy of the CLUB weights: the inner steps below may update
         # the live weights in place before the outer backward pass.

@@ -94,8 +94,8 @@ class VBPR(Recommender):
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
         ids = self.item_embedding
         if items is not None:
-            features = [x[items] for x in features]
-            ids = ids[items]
+            features = [x.index_select(0, items) for x in features]
+            ids = ids.index_select(0, items)
         return torch.cat([ids, self.projection(torch.cat(list(features), dim=-1))], dim=-1)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -112,7 +112,7 @@ class VBPR(Recommender):
     ) -> Tensor:
         batch = self.item_vectors(inputs.features, torch.cat([pos_items, neg_items]))
         i, j = batch.split(pos_items.numel())
-        return self.loss(self.user_embedding[users], i, j)
+        return self.loss(self.user_embedding.index_select(0, users), i, j)
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         return self(inputs.features)
