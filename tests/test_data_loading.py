@@ -161,7 +161,10 @@ def _save_raw(path: Path, payload: bytes) -> None:
     ("writer", "message"),
     [
         (lambda p: None, r"image_feat\.npy: feature file not found"),
-        (lambda p: _save_raw(p, b"hello, not numpy"), r"image_feat\.npy: not a valid \.npy"),
+        (
+            lambda p: _save_raw(p, b"hello, not numpy"),
+            r"image_feat\.npy: not a valid \.npy file \(it does not start with the NumPy magic",
+        ),
         (
             lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True),
             r"image_feat\.npy: not a valid \.npy",

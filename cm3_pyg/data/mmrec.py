@@ -439,6 +439,15 @@ def _load_one(path: Path, log: ProblemLog) -> np.ndarray | None:
     if not path.is_file():
         log.error(f"{path}: feature file not found (expected a .npy matrix)")
         return None
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # .npz: reported below
+        # np.load would treat such bytes as a pickle and suggest loading it unsafely.
+        log.error(
+            f"{path}: not a valid .npy file (it does not start with the NumPy magic bytes; "
+            "expected a matrix written by numpy.save)"
+        )
+        return None
     try:
         # allow_pickle=False: a user's file must never run code when loaded.
         array = np.load(path, allow_pickle=False)
