@@ -92,3 +92,34 @@ def test_backend_selection_and_errors():
     with pytest.raises(ValueError, match="combine"):
         UserItemPropagation(2, combine="max")
     assert repr(UserItemPropagation(3)) == "UserItemPropagation(num_layers=3, combine='sum')"
+
+
+@pytest.mark.skipif("torch_sparse" not in available_backends(), reason="torch-sparse not installed")
+def test_sparse_tensor_backend_matches_csr():
+    from cm3_pyg.data import make_synthetic
+    from cm3_pyg.models import CM3
+    from cm3_pyg.training import build_graph_inputs, load_config
+
+    ui = random_bipartite(seed=3)
+    index, weight = bipartite_normalized_adjacency(ui, 30, 20)
+    x = torch.randn(50, 6, dtype=torch.float64)
+    conv = UserItemPropagation(3)
+    csr = to_adjacency(index, weight.double(), 50, backend="csr")
+    st = to_adjacency(index, weight.double(), 50, backend="torch_sparse")
+    torch.testing.assert_close(conv(x, st), conv(x, csr))
+
+    dims = {"image": 8, "text": 6}
+    data = make_synthetic(num_users=120, num_items=80, modality_dims=dims, seed=0)
+    outs = {}
+    for backend in ("csr", "torch_sparse"):
+        config = load_config(CM3.default_config(), overrides={"sparse_backend": backend})
+        inputs = build_graph_inputs(data, config)
+        torch.manual_seed(0)
+        model = CM3.from_config(config, inputs).eval()
+        users, pos = data["user", "rates", "item"].edge_index[:, :64]
+        loss = model.training_loss(inputs, users, pos, pos.flip(0))
+        loss.backward()
+        outs[backend] = (loss.detach(), model.user_embedding.grad.clone(), model.embed(inputs))
+    torch.testing.assert_close(outs["csr"][0], outs["torch_sparse"][0])
+    torch.testing.assert_close(outs["csr"][1], outs["torch_sparse"][1])
+    torch.testing.assert_close(outs["csr"][2][1], outs["torch_sparse"][2][1])
