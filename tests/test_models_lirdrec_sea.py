@@ -19,16 +19,21 @@ from cm3_pyg.training import (
     CHECKPOINT_NAME,
     NegativeSampler,
     Trainer,
-    build_graph_inputs,
     get_splits,
     load_checkpoint,
     load_config,
     run_experiment,
-    seed_everything,
+)
+from tests.model_helpers import (
+    DIM,
+    a_batch,
+    as_double,
+    build,
+    dense_ui_adjacency,
+    trained_embeddings,
 )
 
 NAMES = ["lirdrec", "sea"]
-DIM = 16
 
 
 @pytest.fixture(scope="module")
@@ -38,48 +43,7 @@ def data():
     )
 
 
-def build(name, data, seed=0, **overrides):
-    cls = get_model_class(name)
-    config = load_config(cls.default_config(), overrides={"embedding_size": DIM, **overrides})
-    if name == "sea":  # keep the tests quick: a few inner CLUB steps, small heads
-        config.update(club_steps=5, proj_hidden_dim=8, proj_out_dim=8, club_dim=8)
-    seed_everything(seed)
-    inputs = build_graph_inputs(data, config, uses_item_graph=cls.uses_item_graph)
-    return cls.from_config(config, inputs), inputs, config
-
-
-def a_batch(data, size=96, seed=0):
-    train = data["user", "rates", "item"].edge_index
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(train.size(1), generator=g)[:size]
-    users, pos = train[0, rows], train[1, rows]
-    neg = NegativeSampler(train, int(data["item"].num_nodes)).sample(users, g)
-    return users, pos, neg
-
-
-def as_double(inputs: GraphInputs) -> GraphInputs:
-    return GraphInputs(
-        num_users=inputs.num_users,
-        num_items=inputs.num_items,
-        features=[f.double() for f in inputs.features],
-        modalities=list(inputs.modalities),
-        ui_adj=inputs.ui_adj.to(torch.float64),
-        item_adj=inputs.item_adj.to(torch.float64),
-    )
-
-
 # --- independent dense float64 re-derivations -------------------------------------------------
-
-
-def dense_ui_adjacency(data) -> torch.Tensor:
-    nu, ni = int(data["user"].num_nodes), int(data["item"].num_nodes)
-    users, items = data["user", "rates", "item"].edge_index
-    a = torch.zeros(nu + ni, nu + ni, dtype=torch.float64)
-    a[users, nu + items] = 1.0
-    a[nu + items, users] = 1.0
-    deg = a.sum(1)
-    inv = torch.where(deg > 0, deg.clamp_min(1.0).rsqrt(), torch.zeros_like(deg))
-    return inv[:, None] * a * inv[None, :]
 
 
 def layer_sum(adj, x, layers):
@@ -488,18 +452,6 @@ def test_a_few_optimizer_steps_lower_the_loss(name, data):
         loss.backward()
         optimizer.step()
     assert eval_loss() < before
-
-
-def trained_embeddings(name, data, seed):
-    model, inputs, _ = build(name, data, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for step in range(3):
-        loss = model.training_loss(inputs, *a_batch(data, size=64, seed=step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.embed(inputs)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -12,20 +12,25 @@ import pytest
 import torch
 
 from cm3_pyg.data import make_synthetic
-from cm3_pyg.models import MODELS, GraphInputs, get_model_class
+from cm3_pyg.models import MODELS, get_model_class
 from cm3_pyg.training import (
-    NegativeSampler,
     build_graph_inputs,
     load_config,
     run_experiment,
-    seed_everything,
 )
 from tests.conftest import REPO
+from tests.model_helpers import (
+    DIM,
+    a_batch,
+    as_double,
+    build,
+    dense_ui_adjacency,
+    trained_embeddings,
+)
 
 ZOO = ["bprmf", "lightgcn", "vbpr", "freedom", "bm3"]
 ID_ONLY = ["bprmf", "lightgcn"]
 MULTIMODAL = ["vbpr", "freedom", "bm3"]
-DIM = 16
 
 
 @pytest.fixture(scope="module")
@@ -40,47 +45,7 @@ def id_data():
     return make_synthetic(num_users=120, num_items=80, modality_dims={}, seed=0)
 
 
-def build(name, data, seed=0, **overrides):
-    cls = get_model_class(name)
-    config = load_config(cls.default_config(), overrides={"embedding_size": DIM, **overrides})
-    seed_everything(seed)
-    inputs = build_graph_inputs(data, config, uses_item_graph=cls.uses_item_graph)
-    return cls.from_config(config, inputs), inputs, config
-
-
-def a_batch(data, size=96, seed=0):
-    train = data["user", "rates", "item"].edge_index
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(train.size(1), generator=g)[:size]
-    users, pos = train[0, rows], train[1, rows]
-    neg = NegativeSampler(train, int(data["item"].num_nodes)).sample(users, g)
-    return users, pos, neg
-
-
-def as_double(inputs: GraphInputs) -> GraphInputs:
-    return GraphInputs(
-        num_users=inputs.num_users,
-        num_items=inputs.num_items,
-        features=[f.double() for f in inputs.features],
-        modalities=list(inputs.modalities),
-        ui_adj=inputs.ui_adj.to(torch.float64),
-        item_adj=None if inputs.item_adj is None else inputs.item_adj.to(torch.float64),
-    )
-
-
 # --- independent dense float64 re-derivations ---------------------------------------------
-
-
-def dense_ui_adjacency(data) -> torch.Tensor:
-    """D^-1/2 A D^-1/2 of the training graph, users first, from the raw edge list."""
-    nu, ni = int(data["user"].num_nodes), int(data["item"].num_nodes)
-    users, items = data["user", "rates", "item"].edge_index
-    a = torch.zeros(nu + ni, nu + ni, dtype=torch.float64)
-    a[users, nu + items] = 1.0
-    a[nu + items, users] = 1.0
-    deg = a.sum(1)
-    inv = torch.where(deg > 0, deg.clamp_min(1.0).rsqrt(), torch.zeros_like(deg))
-    return inv[:, None] * a * inv[None, :]
 
 
 def dense_item_graph(data, k=10, image_weight=0.1) -> torch.Tensor:
@@ -332,18 +297,6 @@ def test_a_few_optimizer_steps_lower_the_loss(name, mm_data):
         loss.backward()
         optimizer.step()
     assert eval_loss() < before
-
-
-def trained_embeddings(name, data, seed):
-    model, inputs, _ = build(name, data, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for step in range(3):
-        loss = model.training_loss(inputs, *a_batch(data, size=64, seed=step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.embed(inputs)
 
 
 @pytest.mark.parametrize("name", ZOO)
