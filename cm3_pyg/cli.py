@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch_geometric.data import HeteroData
+
 from cm3_pyg.data import MMRecDataset, make_synthetic
 from cm3_pyg.errors import CM3Error, NonFiniteLossError
 from cm3_pyg.models import MODELS, get_model_class
@@ -21,6 +23,39 @@ from cm3_pyg.training import load_config, parse_overrides, run_experiment
 DATA_ROOT_ENV = "CM3_DATA_ROOT"
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
+
+
+def load_data(
+    data_root: str | None,
+    dataset: str | None,
+    cache_dir: str | None = None,
+    modalities: Sequence[str] | None = None,
+    duplicates: str = "warn",
+    synthetic_size: tuple[int, int] | None = None,
+) -> tuple[HeteroData, str]:
+    """``(data, name)`` for the command-line entry points.
+
+    ``dataset`` under ``data_root`` (or ``$CM3_DATA_ROOT``) when a dataset is named, else
+    the embedded synthetic data (``synthetic_size = (users, items)`` overrides its size).
+    """
+    data_root = data_root or (os.environ.get(DATA_ROOT_ENV) if dataset else None)
+    if dataset and not data_root:
+        raise CM3Error(f"--dataset {dataset} needs --data-root or ${DATA_ROOT_ENV}")
+    if data_root and not dataset:
+        raise CM3Error("--data-root needs --dataset NAME (a folder under the data root)")
+    if dataset:
+        folder = MMRecDataset(
+            Path(data_root) / dataset,
+            name=dataset,
+            modalities=modalities,
+            cache_dir=cache_dir,
+            duplicates=duplicates,
+        )
+        return folder[0], dataset
+    if synthetic_size is None:
+        return make_synthetic(), "synthetic"
+    users, items = synthetic_size
+    return make_synthetic(num_users=users, num_items=items), "synthetic"
 
 
 def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
@@ -85,22 +120,13 @@ def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
         if args.seed is not None:
             overrides["seed"] = args.seed
         config = load_config(model_cls.default_config(), args.config, overrides)
-        data_root = args.data_root or (os.environ.get(DATA_ROOT_ENV) if args.dataset else None)
-        if args.dataset and not data_root:
-            raise CM3Error(f"--dataset {args.dataset} needs --data-root or ${DATA_ROOT_ENV}")
-        if data_root and not args.dataset:
-            raise CM3Error("--data-root needs --dataset NAME (a folder under the data root)")
-        if args.dataset:
-            dataset = MMRecDataset(
-                Path(data_root) / args.dataset,
-                name=args.dataset,
-                modalities=config.get("modalities"),
-                cache_dir=args.cache_dir,
-                duplicates=config["duplicate_interactions"],
-            )
-            data, name = dataset[0], args.dataset
-        else:
-            data, name = make_synthetic(), "synthetic"
+        data, name = load_data(
+            args.data_root,
+            args.dataset,
+            cache_dir=args.cache_dir,
+            modalities=config.get("modalities"),
+            duplicates=config["duplicate_interactions"],
+        )
         if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise CM3Error(f"--resume {args.resume} writes into its own folder; drop --out")
         out = (

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm3_pyg.data import MMRecDataset, make_synthetic
+from cm3_pyg.cli import DATA_ROOT_ENV, load_data
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
     GRID_MODES,
@@ -30,9 +30,7 @@ from cm3_pyg.experiments import (
     write_results,
 )
 from cm3_pyg.models import MODELS
-from cm3_pyg.training import parse_overrides
-
-DATA_ROOT_ENV = "CM3_DATA_ROOT"
+from cm3_pyg.training import parse_overrides, training_defaults
 
 
 def _int_list(text: str) -> list[int]:
@@ -98,20 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         overrides = parse_overrides(args.overrides)
-        data_root = args.data_root or (os.environ.get(DATA_ROOT_ENV) if args.dataset else None)
-        if args.dataset:
-            if not data_root:
-                raise CM3Error(f"--dataset {args.dataset} needs --data-root or ${DATA_ROOT_ENV}")
-            dataset = MMRecDataset(
-                Path(data_root) / args.dataset,
-                name=args.dataset,
-                modalities=overrides.get("modalities"),
-                cache_dir=args.cache_dir,
-            )
-            data, name = dataset[0], args.dataset
-        else:
-            users, items = _int_list(args.synthetic_size)
-            data, name = make_synthetic(num_users=users, num_items=items), "synthetic"
+        users, items = _int_list(args.synthetic_size)
+        duplicates = overrides.get(
+            "duplicate_interactions", training_defaults()["duplicate_interactions"]
+        )
+        data, name = load_data(
+            args.data_root,
+            args.dataset,
+            cache_dir=args.cache_dir,
+            modalities=overrides.get("modalities"),
+            duplicates=duplicates,
+            synthetic_size=(users, items),
+        )
         out = Path(args.out or os.path.join("runs", f"compare-{name}"))
         records = run_comparison(
             data,
