@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter, ParameterList
 
+from cm3_pyg.data.graphs import bipartite_normalized_adjacency
 from cm3_pyg.nn.sparse import to_adjacency
 
 
@@ -63,17 +64,13 @@ def user_item_edges(ui_adj: Any, num_users: int) -> tuple[Tensor, Tensor]:
 def symmetric_bipartite_adjacency(
     edge_index: Tensor, num_users: int, num_items: int, backend: str
 ) -> Any:
-    r""":math:`D^{-1/2} A D^{-1/2}` over the ``U + I`` nodes for distinct (user, item) edges.
+    r""":math:`D^{-1/2} A D^{-1/2}` over the ``U + I`` nodes, as a sparse adjacency.
 
-    The degrees are those of the given edges only (used after pruning edges).
+    The degrees are those of the given edges only (used after pruning edges); the
+    normalisation is the data layer's :func:`~cm3_pyg.data.graphs.bipartite_normalized_adjacency`.
     """
-    users, items = edge_index
-    deg_u = torch.bincount(users, minlength=num_users).to(torch.float32)
-    deg_i = torch.bincount(items, minlength=num_items).to(torch.float32)
-    weight = (deg_u.index_select(0, users) * deg_i.index_select(0, items)).rsqrt()
-    shifted = items + num_users
-    index = torch.stack([torch.cat([users, shifted]), torch.cat([shifted, users])])
-    return to_adjacency(index, torch.cat([weight, weight]), num_users + num_items, backend=backend)
+    index, weight = bipartite_normalized_adjacency(edge_index, num_users, num_items)
+    return to_adjacency(index, weight, num_users + num_items, backend=backend)
 
 
 class FeatureOffsets(torch.nn.Module):
