@@ -32,26 +32,33 @@ def load_data(
     modalities: Sequence[str] | None = None,
     duplicates: str = "warn",
     synthetic_size: tuple[int, int] | None = None,
+    inter: str | None = None,
 ) -> tuple[HeteroData, str]:
     """``(data, name)`` for the command-line entry points.
 
     ``dataset`` under ``data_root`` (or ``$CM3_DATA_ROOT``) when a dataset is named, else
     the embedded synthetic data (``synthetic_size = (users, items)`` overrides its size).
+    ``inter`` picks another ``<inter>.inter`` file of the folder (another split of the
+    same graph, e.g. ``baby_diffmm_split``); the returned name is then that stem.
     """
     data_root = data_root or (os.environ.get(DATA_ROOT_ENV) if dataset else None)
     if dataset and not data_root:
         raise CM3Error(f"--dataset {dataset} needs --data-root or ${DATA_ROOT_ENV}")
     if data_root and not dataset:
         raise CM3Error("--data-root needs --dataset NAME (a folder under the data root)")
+    if inter and not dataset:
+        raise CM3Error(f"--inter {inter} needs --dataset NAME (the folder holding it)")
+    if inter and (Path(inter).name != inter or inter.endswith(".inter")):
+        raise CM3Error(f"--inter: expected a file stem such as baby_diffmm_split, got {inter!r}")
     if dataset:
         folder = MMRecDataset(
             Path(data_root) / dataset,
-            name=dataset,
+            name=inter or dataset,
             modalities=modalities,
             cache_dir=cache_dir,
             duplicates=duplicates,
         )
-        return folder[0], dataset
+        return folder[0], inter or dataset
     if synthetic_size is None:
         return make_synthetic(), "synthetic"
     users, items = synthetic_size
@@ -73,6 +80,12 @@ def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dataset", default=None, help="dataset folder name under the data root, e.g. tiktok"
+    )
+    parser.add_argument(
+        "--inter",
+        default=None,
+        metavar="STEM",
+        help="use <STEM>.inter of the dataset folder instead of <dataset>.inter",
     )
     parser.add_argument(
         "--cache-dir",
@@ -126,6 +139,7 @@ def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
             cache_dir=args.cache_dir,
             modalities=config.get("modalities"),
             duplicates=config["duplicate_interactions"],
+            inter=args.inter,
         )
         if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise CM3Error(f"--resume {args.resume} writes into its own folder; drop --out")

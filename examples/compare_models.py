@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-root", default=None, help=f"MMRec datasets folder (default ${DATA_ROOT_ENV})"
     )
     parser.add_argument("--dataset", default=None, help="dataset folder name; none: synthetic data")
+    parser.add_argument(
+        "--inter", default=None, metavar="STEM", help="use <STEM>.inter instead of <dataset>.inter"
+    )
     parser.add_argument("--cache-dir", default=None, help="processed-data cache for read-only data")
     parser.add_argument("--models", default="cm3,lirdrec,sea", help="comma-separated model names")
     parser.add_argument(
@@ -107,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             modalities=overrides.get("modalities"),
             duplicates=duplicates,
             synthetic_size=(users, items),
+            inter=args.inter,
         )
         out = Path(args.out or os.path.join("runs", f"compare-{name}"))
         records = run_comparison(

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cm3_pyg.nn import (
+    ClampedCosineSimilarity,
     alignment_loss,
     bpr_loss,
     calibrated_uniformity_loss,
@@ -78,6 +79,72 @@ def test_only_upper_triangle_of_sim_is_read():
     garbage += torch.tril(torch.full_like(sim, 7.0))
     torch.testing.assert_close(
         calibrated_uniformity_loss(x, sim), calibrated_uniformity_loss(x, garbage)
+    )
+
+
+def _expanded(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return rows.repeat_interleave(counts, dim=0)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_uniformity_with_counts_equals_repeated_rows(t):
+    # A batch with repeated rows, given once each with multiplicities: same value and the
+    # same gradient (summed over the copies) as brute force over every pair of positions.
+    base = unit(9, 5, 3)
+    counts = torch.tensor([1, 3, 1, 2, 1, 1, 4, 1, 2])
+    x = base.clone().requires_grad_()
+    got = uniformity_loss(x, t, counts=counts)
+    y = base.clone().requires_grad_()
+    expected = brute_uniformity(_expanded(y, counts), t)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(expected, y)[0])
+
+
+@pytest.mark.parametrize(("s_min", "s_max"), [(0.0, 1.0), (0.1, 0.6), (None, None)])
+def test_calibrated_fused_cosine_matches_brute_force_with_counts(s_min, s_max):
+    base_x, base_f = unit(8, 6, 4), torch.randn(8, 5, dtype=torch.float64) * 2
+    counts = torch.tensor([2, 1, 1, 3, 1, 1, 2, 1])
+    x, f = base_x.clone().requires_grad_(), base_f.clone().requires_grad_()
+    got = calibrated_uniformity_loss(x, ClampedCosineSimilarity(f, s_min, s_max), counts=counts)
+    # Brute force over explicit positions; a row paired with its own copy uses the
+    # clamped self-similarity, exactly as pdist + clamp(cos) over the repeated batch.
+    y, g = base_x.clone().requires_grad_(), base_f.clone().requires_grad_()
+    ye, ge = _expanded(y, counts), _expanded(g, counts)
+    gn = ge / ge.norm(dim=-1, keepdim=True)
+    sim = gn @ gn.t()
+    if s_min is not None:
+        sim = sim.clamp(s_min, s_max)
+    expected = brute_calibrated(ye, sim, 2.0)
+    torch.testing.assert_close(got, expected)
+    ours = torch.autograd.grad(got, (x, f))
+    theirs = torch.autograd.grad(expected, (y, g))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_cosine_equals_explicit_similarity_matrix():
+    x = unit(30, 6, 5).requires_grad_()
+    f = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    a = calibrated_uniformity_loss(x, ClampedCosineSimilarity(f, 0.0, 0.7))
+    b = calibrated_uniformity_loss(x, cosine_similarity_matrix(f, 0.0, 0.7))
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, (x, f))
+    gb = torch.autograd.grad(b, (x, f))
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, v)
+
+
+def test_counts_validation():
+    x = unit(4, 3, 6)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        uniformity_loss(x, counts=torch.ones(3))
+    with pytest.raises(ValueError, match="counts must be >= 1"):
+        uniformity_loss(x, counts=torch.tensor([1, 0, 1, 1]))
+    with pytest.raises(ValueError, match="sim.features must have 4 rows"):
+        calibrated_uniformity_loss(x, ClampedCosineSimilarity(torch.randn(3, 2)))
+    # one distinct row seen twice is one pair at distance 0: log(e^0) = 0
+    torch.testing.assert_close(
+        uniformity_loss(x[:1], counts=torch.tensor([2])), torch.zeros((), dtype=x.dtype)
     )
 
 

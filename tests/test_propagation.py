@@ -8,7 +8,7 @@ from torch_geometric.nn import LGConv
 
 from cm3_pyg.data import bipartite_normalized_adjacency
 from cm3_pyg.nn import UserItemPropagation, propagate_item_graph, spmm, to_adjacency
-from cm3_pyg.nn.sparse import available_backends, resolve_backend
+from cm3_pyg.nn.sparse import available_backends, check_backend
 
 
 def random_bipartite(num_users=30, num_items=20, num_edges=120, seed=0):
@@ -82,9 +82,9 @@ def test_item_graph_step_and_rectangular_adjacency():
 
 def test_backend_selection_and_errors():
     assert "csr" in available_backends()
-    assert resolve_backend("auto") in available_backends()
+    assert check_backend("auto") == "auto"
     with pytest.raises(ValueError, match="unknown sparse backend"):
-        resolve_backend("dense")
+        check_backend("dense")
     with pytest.raises(TypeError, match="sparse adjacency"):
         spmm(torch.eye(3), torch.randn(3, 2))
     with pytest.raises(ValueError, match="num_layers"):
@@ -123,3 +123,65 @@ def test_sparse_tensor_backend_matches_csr():
     torch.testing.assert_close(outs["csr"][0], outs["torch_sparse"][0])
     torch.testing.assert_close(outs["csr"][1], outs["torch_sparse"][1])
     torch.testing.assert_close(outs["csr"][2][1], outs["torch_sparse"][2][1])
+
+
+def _directed(n=40, e=160, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (2, e), generator=g)
+    weight = torch.rand(e, generator=g, dtype=torch.float64)
+    return index, weight
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_every_backend_matches_dense_forward_and_backward_on_a_directed_graph(backend):
+    # Not symmetric, with duplicate entries (summed): the backward must use the transpose.
+    index, weight = _directed()
+    adj = to_adjacency(index, weight, 40, backend=backend)
+    assert adj.backend == backend and not adj.symmetric
+    a = dense(index, weight, 40)
+    x = torch.randn(40, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, 5, dtype=torch.float64)
+    out = spmm(adj, x)
+    torch.testing.assert_close(out, a @ x)
+    (grad,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(grad, a.t() @ g)
+
+
+def test_rectangular_adjacency_and_shape_errors():
+    index = torch.tensor([[0, 1, 2], [4, 0, 3]])
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    adj = to_adjacency(index, weight, 3, 5, backend="csr")
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    expected = torch.zeros(3, 5, dtype=torch.float64)
+    expected[index[0], index[1]] = weight
+    torch.testing.assert_close(adj.to_dense(), expected)
+    torch.testing.assert_close(adj @ x, expected @ x)
+    with pytest.raises(ValueError, match="cannot multiply x with 3 rows"):
+        adj @ torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="edge_weight must have shape"):
+        to_adjacency(index, weight[:2], 3, 5)
+
+
+def test_symmetric_graph_is_stored_once_and_dtype_conversion():
+    ui = random_bipartite(seed=5)
+    index, weight = bipartite_normalized_adjacency(ui, 30, 20)
+    adj = to_adjacency(index, weight, 50, backend="csr")
+    assert adj.symmetric
+    as64 = adj.to(torch.float64)
+    assert as64.value.dtype == torch.float64 and as64.backend == "csr"
+    assert adj.to("cpu") is adj
+    assert "symmetric=True" in repr(adj)
+
+
+def test_auto_backend_is_chosen_by_measurement():
+    from cm3_pyg.nn.sparse import choose_backend, measure_backends
+
+    ui = random_bipartite(seed=6)
+    index, weight = bipartite_normalized_adjacency(ui, 30, 20)
+    adj = to_adjacency(index, weight, 50, backend="csr")
+    times = measure_backends(adj, width=8, repeats=1)
+    assert set(times) == set(available_backends())
+    assert all(t > 0 for t in times.values())
+    choice = choose_backend(adj, width=8)
+    assert choice in available_backends()
+    assert to_adjacency(index, weight, 50, backend="auto", width=8).backend == choice

@@ -177,3 +177,26 @@ def test_gradients_are_bit_identical_across_repeats(name, tiny_synthetic):
             assert torch.equal(value, other[key]), (
                 f"{name}: gradient of {key} differs between repeats"
             )
+
+
+def test_train_epoch_max_batches_takes_that_many_steps(tiny_synthetic):
+    from cm3_pyg.models import get_model_class
+    from cm3_pyg.training import build_graph_inputs, get_splits, load_config
+    from cm3_pyg.training.trainer import Trainer
+
+    cls = get_model_class("bprmf")
+    config = load_config(cls.default_config(), overrides={"train_batch_size": 64})
+    inputs = build_graph_inputs(tiny_synthetic, config, uses_item_graph=False)
+    trainer = Trainer(
+        cls.from_config(config, inputs), inputs, get_splits(tiny_synthetic), config, progress=False
+    )
+    steps = []
+    original = trainer.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    trainer.optimizer.step = counting_step
+    trainer.train_epoch(1, max_batches=3)
+    assert len(steps) == 3

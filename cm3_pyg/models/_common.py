@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import Parameter, ParameterList
 
 from cm3_pyg.data.graphs import bipartite_normalized_adjacency
-from cm3_pyg.nn.sparse import to_adjacency
+from cm3_pyg.nn.sparse import SparseAdjacency, to_adjacency
 
 
 def embedding_norm_penalty(*embeddings: Tensor) -> Tensor:
@@ -26,12 +26,17 @@ def embedding_norm_penalty(*embeddings: Tensor) -> Tensor:
 
 
 def adjacency_backend(adj: Any) -> str:
-    """The :func:`~cm3_pyg.nn.to_adjacency` backend that produced ``adj``."""
+    """The kernel of ``adj`` (a :class:`~cm3_pyg.nn.sparse.SparseAdjacency` names its own)."""
+    if isinstance(adj, SparseAdjacency):
+        return adj.backend
     return "csr" if isinstance(adj, Tensor) else "torch_sparse"
 
 
 def adjacency_coo(adj: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """``(row, col, value)`` of a torch sparse (CSR/COO) tensor or a ``SparseTensor``."""
+    """``(row, col, value)`` of a :class:`~cm3_pyg.nn.sparse.SparseAdjacency`, a torch sparse
+    (CSR/COO) tensor or a ``SparseTensor``."""
+    if isinstance(adj, SparseAdjacency):
+        return adj.row, adj.col, adj.value
     if isinstance(adj, Tensor):
         if adj.layout == torch.sparse_csr:
             crow = adj.crow_indices()

@@ -11,11 +11,11 @@ from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import (
+    ClampedCosineSimilarity,
     SphericalBezierFusion,
     UserItemPropagation,
     alignment_loss,
     calibrated_uniformity_loss,
-    cosine_similarity_matrix,
     normalize_rows,
     propagate_item_graph,
     uniformity_loss,
@@ -192,16 +192,26 @@ class CM3(Recommender):
         return CM3Output(user=user, item=item_h, fused=fused)
 
     def loss(self, out: CM3Output, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        """CM3's loss of one batch (see the class docstring); inputs are ``[B]`` index tensors."""
-        u = normalize_rows(out.user.index_select(0, users))
+        """CM3's loss of one batch (see the class docstring); inputs are ``[B]`` index tensors.
+
+        The pairwise terms see each distinct user / negative item once, weighted by how
+        often it occurs in the batch: the same value and gradient as the ``B x B`` pairs of
+        repeated rows, on a smaller matrix.
+        """
+        users_unique, users_inverse, users_count = torch.unique(
+            users, return_inverse=True, return_counts=True
+        )
+        u_unique = normalize_rows(out.user.index_select(0, users_unique))
+        u = u_unique.index_select(0, users_inverse)
         i = normalize_rows(out.item.index_select(0, pos_items))
-        j = normalize_rows(out.item.index_select(0, neg_items))
-        sim = cosine_similarity_matrix(
-            out.fused.index_select(0, neg_items), self.min_sim, self.max_sim
+        neg_unique, neg_count = torch.unique(neg_items, return_counts=True)
+        j = normalize_rows(out.item.index_select(0, neg_unique))
+        sim = ClampedCosineSimilarity(
+            out.fused.index_select(0, neg_unique), self.min_sim, self.max_sim
         )
-        uniform = uniformity_loss(u, self.temperature) + calibrated_uniformity_loss(
-            j, sim, self.temperature
-        )
+        uniform = uniformity_loss(
+            u_unique, self.temperature, counts=users_count
+        ) + calibrated_uniformity_loss(j, sim, self.temperature, counts=neg_count)
         return alignment_loss(u, i) + self.gamma * uniform / 2
 
     def training_loss(

@@ -4,6 +4,7 @@ from cm3_pyg.nn.conv import UserItemPropagation, propagate_item_graph
 from cm3_pyg.nn.functional import normalize_rows
 from cm3_pyg.nn.fusion import SphericalBezierFusion, slerp
 from cm3_pyg.nn.losses import (
+    ClampedCosineSimilarity,
     alignment_loss,
     bpr_loss,
     calibrated_uniformity_loss,
@@ -11,15 +12,24 @@ from cm3_pyg.nn.losses import (
     pairwise_sq_distances,
     uniformity_loss,
 )
-from cm3_pyg.nn.sparse import available_backends, spmm, to_adjacency
+from cm3_pyg.nn.sparse import (
+    SparseAdjacency,
+    available_backends,
+    choose_backend,
+    spmm,
+    to_adjacency,
+)
 
 __all__ = [
+    "ClampedCosineSimilarity",
+    "SparseAdjacency",
     "SphericalBezierFusion",
     "UserItemPropagation",
     "alignment_loss",
     "available_backends",
     "bpr_loss",
     "calibrated_uniformity_loss",
+    "choose_backend",
     "cosine_similarity_matrix",
     "normalize_rows",
     "pairwise_sq_distances",

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 
-from cm3_pyg.nn.sparse import spmm
+from cm3_pyg.nn.sparse import SparseAdjacency, spmm
 
 
 class UserItemPropagation(MessagePassing):
@@ -23,10 +23,11 @@ class UserItemPropagation(MessagePassing):
     is the sum of all layers (CM3, LightGCN's propagation without averaging), their mean
     (LightGCN, BM3), or the last layer alone.
 
-    The layer has no parameters. With a sparse adjacency (torch CSR/COO tensor, or a
-    ``torch_sparse.SparseTensor``) message passing is one fused sparse-dense product per
-    layer (:meth:`message_and_aggregate`); with an ``edge_index`` and ``edge_weight`` it
-    falls back to explicit messages, so results agree either way.
+    The layer has no parameters. With a sparse adjacency (a
+    :class:`~cm3_pyg.nn.sparse.SparseAdjacency` from :func:`~cm3_pyg.nn.to_adjacency`, a
+    torch CSR/COO tensor, or a ``torch_sparse.SparseTensor``) message passing is one fused
+    sparse-dense product per layer (:meth:`message_and_aggregate`); with an ``edge_index``
+    and ``edge_weight`` it falls back to explicit messages, so results agree either way.
 
     Args:
         num_layers: number of propagation steps ``L`` (>= 0).
@@ -57,7 +58,11 @@ class UserItemPropagation(MessagePassing):
         h = x
         total = x if self.combine != "last" else None
         for _ in range(self.num_layers):
-            h = self.propagate(adj_t, x=h, edge_weight=edge_weight)
+            if isinstance(adj_t, SparseAdjacency):
+                # PyG's propagate() does not know this type; its fused path is this call.
+                h = self.message_and_aggregate(adj_t, h)
+            else:
+                h = self.propagate(adj_t, x=h, edge_weight=edge_weight)
             if total is not None:
                 total = total + h
         if self.combine == "last":

@@ -1,15 +1,15 @@
 r"""Losses for contrastive and ranking objectives on unit-sphere embeddings.
 
-All pairwise losses work on the Gram matrix of the batch and a triangular mask: nothing
-allocates an index tensor of all pairs, and the ``log mean exp`` is evaluated with
-``logsumexp`` so it cannot overflow or underflow.
+The pairwise losses work on one Gram matrix of the batch inside a fused kernel with a
+hand-written backward: nothing allocates an index tensor of all pairs, the ``log mean exp``
+is shifted by its maximum so it cannot overflow or underflow, and repeated rows can be
+passed once with their multiplicity.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,87 +58,189 @@ def cosine_similarity_matrix(
     return sim
 
 
-def _neg_scaled_sq_distances(x: Tensor, t: float) -> Tensor:
-    r""":math:`-t \|x_a - x_b\|^2` for all pairs as ONE matrix product.
+class ClampedCosineSimilarity(NamedTuple):
+    r"""The matrix :math:`s_{ab} = \mathrm{clamp}(\cos(f_a, f_b), s_{\min}, s_{\max})`, unevaluated.
 
-    :math:`-t\|x_a - x_b\|^2 = 2t\,x_a\cdot x_b - t n_a - t n_b` with :math:`n = \|x\|^2`
-    is the inner product of :math:`[\sqrt{2t} x_a, -t n_a, 1]` and
-    :math:`[\sqrt{2t} x_b, 1, -t n_b]`; one GEMM replaces a Gram matrix plus several
-    ``[N, N]`` broadcasts (the losses' main cost on CPU).
+    Passed as ``sim`` to :func:`calibrated_uniformity_loss`, which then forms it inside its
+    fused kernel: one Gram product forward and one backward (autograd through
+    :func:`cosine_similarity_matrix` needs two backward products and keeps more ``[N, N]``
+    buffers). Same values and gradients as the explicit matrix.
+
+    Attributes:
+        features: ``[N, k]`` rows (any scale; normalised with
+            :func:`~cm3_pyg.nn.normalize_rows`).
+        min_sim: lower clamp (``None``: none).
+        max_sim: upper clamp (``None``: none).
     """
-    sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
-    ones = torch.ones_like(sq_norm)
-    scaled = x * math.sqrt(2.0 * t)
-    left = torch.cat([scaled, -t * sq_norm, ones], dim=-1)
-    right = torch.cat([scaled, ones, -t * sq_norm], dim=-1)
-    return left @ right.t()
+
+    features: Tensor
+    min_sim: float | None = None
+    max_sim: float | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _not_upper_mask(n: int, device: torch.device) -> Tensor:
-    """``[n, n]`` bool, True on and below the diagonal (the entries a >= b)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+class _PairwiseLogSumExp(torch.autograd.Function):
+    r""":math:`\log \sum_{a \ne b} m_a m_b e^{\ell_{ab}} + \sum_a m_a (m_a - 1) e^{\ell_{aa}}`.
 
+    :math:`\ell_{ab} = -t\|x_a - x_b\|^2 - 2t\,s_{ab}` over ``N`` distinct rows ``x`` with
+    multiplicities ``m``: the sum over ordered pairs of distinct positions of a batch in
+    which row ``a`` occurs ``m_a`` times (a repeated row pairs with itself at distance 0).
 
-class _UpperLogSumExp(torch.autograd.Function):
-    r""":math:`\log \sum_{a<b} \exp(L_{ab})` with a hand-written backward.
-
-    The backward is the softmax over the strict upper triangle, kept from the forward
-    pass, so forward plus backward touch the ``[N, N]`` matrix only a few times.
+    Forward: ONE ``[N, N]`` matrix product of augmented rows gives every
+    :math:`-t\|x_a - x_b\|^2 + \log m_a + \log m_b`
+    (:math:`2t\,x_a \cdot x_b - t n_a - t n_b` is the inner product of
+    :math:`[\sqrt{2t}\,x_a, -t n_a + \log m_a, 1]` and
+    :math:`[\sqrt{2t}\,x_b, 1, -t n_b + \log m_b]`), then a few in-place passes
+    (similarity, diagonal, max, exp, sum).
+    Backward: with :math:`P = e^{\ell}/\sum e^{\ell}` (symmetric),
+    :math:`\partial/\partial x_a = -4t\,(\sum_b P_{ab}\,x_a - (P x)_a)`: ONE product
+    :math:`P\,[x, 1]` gives both terms (the diagonal cancels). A clamped-cosine similarity
+    adds one product forward and one backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor) -> Tensor:
-        masked = logits.masked_fill(_not_upper_mask(logits.size(0), logits.device), float("-inf"))
-        peak = masked.max()
-        weights = masked.sub_(peak).exp_()
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        log_counts: Tensor | None,
+        sim: Tensor | None,
+        unit_features: Tensor | None,
+        min_sim: float | None,
+        max_sim: float | None,
+        t: float,
+    ) -> Tensor:
+        sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
+        bias = sq_norm.mul(-t)
+        if log_counts is not None:
+            bias = bias + log_counts.unsqueeze(-1)
+        ones = torch.ones_like(sq_norm)
+        scaled = x * math.sqrt(2.0 * t)
+        logits = torch.cat([scaled, bias, ones], dim=-1) @ torch.cat([scaled, ones, bias], -1).t()
+        cos = None
+        if unit_features is not None:
+            cos = unit_features @ unit_features.t()
+            sim = cos.clamp(min=min_sim, max=max_sim) if (min_sim, max_sim) != (None, None) else cos
+        # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
+        if log_counts is None:
+            diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
+        else:
+            counts = log_counts.exp()
+            diagonal = torch.log(counts * (counts - 1.0))
+        if sim is not None:
+            logits.sub_(sim, alpha=2.0 * t)
+            diagonal = diagonal - 2.0 * t * sim.diagonal()
+        logits.diagonal().copy_(diagonal)
+        peak = logits.max()
+        weights = logits.sub_(peak).exp_()
         total = weights.sum()
-        ctx.save_for_backward(weights, total)
+        ctx.save_for_backward(x, weights, total, unit_features, cos)
+        ctx.t, ctx.min_sim, ctx.max_sim = t, min_sim, max_sim
         return peak + total.log()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        weights, total = ctx.saved_tensors
-        return weights * (grad / total)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weights, total, unit_features, cos = ctx.saved_tensors
+        t = ctx.t
+        scale = grad / total
+        grad_x = grad_sim = grad_features = None
+        if ctx.needs_input_grad[2]:
+            grad_sim = weights * (scale * -2.0 * t)
+        if ctx.needs_input_grad[0]:
+            ones = torch.ones_like(x[:, :1])
+            px = weights @ torch.cat([x, ones], dim=-1)
+            d = x.size(1)
+            grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
+        if ctx.needs_input_grad[3]:
+            # d cos_ab: the clamp passes the gradient where min <= cos <= max (as torch.clamp).
+            masked = weights
+            if ctx.min_sim is not None:
+                masked = masked.masked_fill(cos < ctx.min_sim, 0.0)
+            if ctx.max_sim is not None:
+                masked = masked.masked_fill(cos > ctx.max_sim, 0.0)
+            grad_features = (masked @ unit_features) * (scale * -4.0 * t)
+        return grad_x, None, grad_sim, grad_features, None, None, None
 
 
-def _log_mean_exp_upper(logits: Tensor) -> Tensor:
-    r""":math:`\log \frac{2}{N(N-1)} \sum_{a<b} \exp(\mathrm{logits}_{ab})` for a square matrix."""
-    n = logits.size(0)
-    return _UpperLogSumExp.apply(logits) - math.log(n * (n - 1) / 2)
+def _pairwise_uniformity(
+    x: Tensor,
+    t: float,
+    counts: Tensor | None,
+    sim: Tensor | ClampedCosineSimilarity | None,
+) -> Tensor:
+    r"""Shared body of the two uniformity losses: :math:`\log` of the mean of
+    :math:`e^{\ell_{ab}}` over ordered pairs of distinct batch positions."""
+    n = x.size(0)
+    if counts is None:
+        size = float(n)
+        log_counts = None
+    else:
+        if counts.shape != (n,):
+            raise ValueError(f"counts must have shape [{n}], got {list(counts.shape)}")
+        counts = counts.to(x.dtype)
+        if bool((counts < 1).any()):
+            raise ValueError("counts must be >= 1 (multiplicity of each row in the batch)")
+        size = float(counts.sum())
+        log_counts = counts.log()
+    features = min_sim = max_sim = None
+    sim_tensor = None
+    if isinstance(sim, ClampedCosineSimilarity):
+        if sim.features.size(0) != n:
+            raise ValueError(
+                f"sim.features must have {n} rows (one per row of x), got {sim.features.size(0)}"
+            )
+        features = normalize_rows(sim.features)
+        min_sim, max_sim = sim.min_sim, sim.max_sim
+    elif sim is not None:
+        if sim.shape != (n, n):
+            raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
+        # Only the upper triangle (and, for repeated rows, the diagonal) is read; mirroring
+        # it makes the matrix exactly symmetric, which the fused backward relies on.
+        upper = torch.triu(sim, diagonal=1)
+        sim_tensor = upper + upper.t() + torch.diag_embed(sim.diagonal())
+    if size < 2:
+        # No pairs: the loss is 0 (still connected to the graph so backward() works).
+        zero = x.sum() * 0.0
+        if features is not None:
+            zero = zero + features.sum() * 0.0
+        if sim_tensor is not None:
+            zero = zero + sim_tensor.sum() * 0.0
+        return zero
+    lse = _PairwiseLogSumExp.apply(x, log_counts, sim_tensor, features, min_sim, max_sim, t)
+    return lse - math.log(size * (size - 1.0))
 
 
-def _no_pairs(x: Tensor) -> Tensor:
-    # A batch of one row has no pairs: the loss is 0 (still connected to the graph so that
-    # backward() works unchanged).
-    return x.sum() * 0.0
-
-
-def uniformity_loss(x: Tensor, t: float = 2.0) -> Tensor:
+def uniformity_loss(x: Tensor, t: float = 2.0, counts: Tensor | None = None) -> Tensor:
     r"""Uniformity on the hypersphere (Wang & Isola, 2020).
 
     .. math::
-        \mathcal{L}_{\mathrm{unif}}(X) = \log \frac{2}{N(N-1)} \sum_{a<b}
+        \mathcal{L}_{\mathrm{unif}}(X) = \log \frac{2}{B(B-1)} \sum_{a<b}
             e^{-t \|x_a - x_b\|_2^2}
 
+    over the ``B`` rows of a batch. Duplicate rows count as pairs at distance 0; pass each
+    distinct row once with its multiplicity in ``counts`` for the same value and gradient
+    at less cost (``B = counts.sum()``).
+
     Args:
-        x: ``[N, d]`` rows (unit rows in CM3). Duplicate rows count as pairs at distance 0.
+        x: ``[N, d]`` rows (unit rows in CM3).
         t: temperature (2 in CM3).
+        counts: optional ``[N]`` multiplicities (>= 1) of the rows in the batch.
 
     Returns:
-        scalar; 0 when ``N < 2``.
+        scalar; 0 when ``B < 2``.
     """
-    if x.size(0) < 2:
-        return _no_pairs(x)
-    return _log_mean_exp_upper(_neg_scaled_sq_distances(x, t))
+    return _pairwise_uniformity(x, t, counts, None)
 
 
-def calibrated_uniformity_loss(x: Tensor, sim: Tensor, t: float = 2.0) -> Tensor:
+def calibrated_uniformity_loss(
+    x: Tensor,
+    sim: Tensor | ClampedCosineSimilarity,
+    t: float = 2.0,
+    counts: Tensor | None = None,
+) -> Tensor:
     r"""CM3's calibrated uniformity: repel pairs only beyond their multimodal similarity.
 
     .. math::
-        \mathcal{L}_{\mathrm{cu}}(X) = \log \frac{2}{N(N-1)} \sum_{a<b}
+        \mathcal{L}_{\mathrm{cu}}(X) = \log \frac{2}{B(B-1)} \sum_{a<b}
             e^{-t (\|x_a - x_b\|_2^2 - 2 + 2 s_{ab})}
 
     For unit rows the exponent is :math:`2t(\cos(x_a, x_b) - s_{ab})`. With
@@ -148,20 +250,22 @@ def calibrated_uniformity_loss(x: Tensor, sim: Tensor, t: float = 2.0) -> Tensor
 
     Args:
         x: ``[N, d]`` rows (unit rows in CM3).
-        sim: ``[N, N]`` similarities, already clamped (only entries ``a < b`` are read).
+        sim: ``[N, N]`` similarities, already clamped (only entries ``a < b`` are read, and
+            the diagonal for repeated rows), or a :class:`ClampedCosineSimilarity` of
+            ``[N, k]`` features (faster: formed inside the fused kernel).
         t: temperature.
+        counts: optional ``[N]`` multiplicities of the rows in the batch (see
+            :func:`uniformity_loss`); a row paired with its own copy uses ``s_aa``.
 
     Returns:
-        scalar; 0 when ``N < 2``.
+        scalar; 0 when ``B < 2``.
     """
-    n = x.size(0)
-    if sim.shape != (n, n):
-        raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
-    if n < 2:
-        return _no_pairs(x) + sim.sum() * 0.0
+    if sim is None:
+        raise ValueError("calibrated_uniformity_loss needs sim (use uniformity_loss without)")
     # exponent -t(d^2 - 2 + 2 s) = -t d^2 - 2t s + 2t; the constant leaves the log-sum-exp.
-    logits = _neg_scaled_sq_distances(x, t).sub_(sim, alpha=2.0 * t)
-    return _log_mean_exp_upper(logits) + 2.0 * t
+    loss = _pairwise_uniformity(x, t, counts, sim)
+    n_pairs = float(counts.sum()) if counts is not None else float(x.size(0))
+    return loss + 2.0 * t if n_pairs >= 2 else loss
 
 
 def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:

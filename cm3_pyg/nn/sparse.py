@@ -1,20 +1,32 @@
-"""Sparse adjacency matrices for propagation, and the kernel that multiplies them.
+"""Sparse adjacency matrices for propagation, and the kernels that multiply them.
 
-An adjacency here is a matrix ``A`` with ``out = A @ x``: row ``i`` of ``A`` lists what
-node ``i`` aggregates. Two layouts are supported:
+An adjacency here is a fixed matrix ``A`` with ``out = A @ x`` (row ``i`` lists what node
+``i`` aggregates), differentiable with respect to ``x``. :func:`to_adjacency` builds a
+:class:`SparseAdjacency` for one of three kernels:
 
-* ``"csr"``: a ``torch.sparse_csr_tensor`` multiplied with :func:`torch.sparse.mm` (always
-  available, CPU and GPU);
-* ``"torch_sparse"``: a ``torch_sparse.SparseTensor`` (when the optional ``sparse`` extra is
-  installed), multiplied with ``torch_sparse.matmul``.
+* ``"csr"``: ``torch.sparse_csr_tensor`` products (:func:`torch.sparse.mm`) in both
+  directions. The transpose is built once, so the backward pass is one more CSR product;
+  autograd's own backward of ``torch.sparse.mm`` re-transposes (sorts) the matrix on every
+  call, which cost as much as the products themselves on the TikTok graph. A symmetric
+  matrix (the normalised user-item graph) is its own transpose and is stored once.
+* ``"edge_index"``: PyG's :class:`torch_geometric.EdgeIndex` with its cached CSR/CSC
+  metadata (``EdgeIndex.matmul``).
+* ``"torch_sparse"``: ``torch_sparse.SparseTensor`` (optional ``sparse`` extra).
 
-PyG's generic ``torch_geometric.utils.spmm`` is not used on the hot path: on a CSR tensor it
-measured several times slower than calling :func:`torch.sparse.mm` directly.
+``"auto"`` times each installed kernel, forward plus backward, on the matrix itself and
+keeps the fastest (see :func:`choose_backend`). PyG's generic
+``torch_geometric.utils.spmm`` is not offered: on a CSR tensor it adds conversions around
+the same product (``benchmarks/`` measures it).
+
+:func:`spmm` also accepts a plain torch sparse (CSR/COO) tensor or a ``SparseTensor``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,18 +34,24 @@ from torch import Tensor
 
 from cm3_pyg.typing import WITH_TORCH_SPARSE
 
-BACKENDS = ("csr", "torch_sparse")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("csr", "edge_index", "torch_sparse")
+
+#: A measured alternative must beat ``"csr"`` by this factor to be chosen, so that the
+#: choice does not flip between runs on timing noise.
+AUTO_MARGIN = 0.9
 
 
 def available_backends() -> list[str]:
-    """The adjacency layouts usable in this installation."""
+    """The kernels usable in this installation, in order of preference."""
     return [b for b in BACKENDS if b != "torch_sparse" or WITH_TORCH_SPARSE]
 
 
-def resolve_backend(backend: str) -> str:
-    """Map ``"auto"`` to a concrete backend and check that the requested one is installed."""
+def check_backend(backend: str) -> str:
+    """Validate a backend name (``"auto"`` or one of :data:`BACKENDS` that is installed)."""
     if backend == "auto":
-        return "csr"
+        return backend
     if backend not in BACKENDS:
         raise ValueError(
             f"unknown sparse backend {backend!r}; expected 'auto' or one of {BACKENDS}"
@@ -46,13 +64,230 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _csr(row: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
+    """CSR tensor of coalesced (row-major sorted, unique) entries."""
+    counts = torch.bincount(row, minlength=shape[0])
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=row.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on mm
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, value, shape, check_invariants=False)
+
+
+def _coalesce(
+    edge_index: Tensor, edge_weight: Tensor, shape: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-major sorted, duplicate-summed ``(row, col, value)``."""
+    coo = torch.sparse_coo_tensor(edge_index, edge_weight, shape).coalesce()
+    index = coo.indices()
+    return index[0], index[1], coo.values()
+
+
+class _CSRProduct(torch.autograd.Function):
+    """``A @ x`` whose backward is ``A^T @ grad`` with a prebuilt ``A^T``."""
+
+    @staticmethod
+    def forward(ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor) -> Tensor:
+        ctx.matrix_t = matrix_t
+        return torch.sparse.mm(matrix, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None]:
+        if not ctx.needs_input_grad[2]:
+            return None, None, None
+        return None, None, torch.sparse.mm(ctx.matrix_t, grad.contiguous())
+
+
+class SparseAdjacency:
+    """A fixed sparse ``[R, C]`` matrix prepared for one kernel; ``adj @ x`` is differentiable.
+
+    Build it with :func:`to_adjacency`. It keeps the coalesced COO entries (``row``,
+    ``col``, ``value``) for graph surgery such as FREEDOM's edge pruning.
+
+    Attributes:
+        backend: ``"csr"``, ``"edge_index"`` or ``"torch_sparse"``.
+        shape: ``(R, C)``.
+        symmetric: ``A == A^T`` exactly (then one CSR serves both directions).
+    """
+
+    def __init__(
+        self, row: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int], backend: str
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown sparse backend {backend!r}; expected one of {BACKENDS}")
+        check_backend(backend)
+        self.row, self.col, self.value = row, col, value
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.backend = backend
+        self.symmetric = self.shape[0] == self.shape[1] and _is_symmetric(row, col, value)
+        self._kernel: Callable[[Tensor], Tensor] = self._build()
+
+    def _build(self) -> Callable[[Tensor], Tensor]:
+        if self.backend == "csr":
+            matrix = _csr(self.row, self.col, self.value, self.shape)
+            if self.symmetric:
+                matrix_t = matrix
+            else:
+                t_row, t_col, t_value = _coalesce(
+                    torch.stack([self.col, self.row]), self.value, self.shape[::-1]
+                )
+                matrix_t = _csr(t_row, t_col, t_value, self.shape[::-1])
+            return lambda x: _CSRProduct.apply(matrix, matrix_t, x)
+        if self.backend == "edge_index":
+            from torch_geometric import EdgeIndex
+
+            index = EdgeIndex(
+                torch.stack([self.row, self.col]),
+                sparse_size=self.shape,
+                sort_order="row",
+                is_undirected=False,
+            )
+            index.fill_cache_()
+            value = self.value
+            return lambda x: index.matmul(x, input_value=value)
+        from torch_sparse import SparseTensor, matmul
+
+        tensor = SparseTensor(
+            row=self.row, col=self.col, value=self.value, sparse_sizes=self.shape, is_sorted=True
+        )
+        tensor.fill_cache_()
+        return lambda x: matmul(tensor, x)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.value.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.value.device
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``A @ x`` for ``x`` ``[C, F]``."""
+        if x.size(0) != self.shape[1]:
+            raise ValueError(
+                f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
+            )
+        return self._kernel(x)
+
+    __matmul__ = matmul
+
+    def to(self, target: torch.device | str | torch.dtype) -> SparseAdjacency:
+        """A copy on another device (``torch.device``/str) or with another value dtype."""
+        if isinstance(target, torch.dtype):
+            if target == self.value.dtype:
+                return self
+            row, col, value = self.row, self.col, self.value.to(target)
+        else:
+            device = torch.device(target)
+            if device == self.device:
+                return self
+            row, col, value = self.row.to(device), self.col.to(device), self.value.to(device)
+        return SparseAdjacency(row, col, value, self.shape, self.backend)
+
+    def with_backend(self, backend: str) -> SparseAdjacency:
+        """The same matrix prepared for another kernel."""
+        if backend == self.backend:
+            return self
+        return SparseAdjacency(self.row, self.col, self.value, self.shape, backend)
+
+    def to_dense(self) -> Tensor:
+        out = torch.zeros(self.shape, dtype=self.value.dtype, device=self.device)
+        out[self.row, self.col] = self.value
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseAdjacency(shape={list(self.shape)}, nnz={self.nnz}, backend={self.backend!r}, "
+            f"symmetric={self.symmetric})"
+        )
+
+
+def _is_symmetric(row: Tensor, col: Tensor, value: Tensor) -> bool:
+    """Exact symmetry test on coalesced entries (one sort)."""
+    if row.numel() == 0:
+        return True
+    n = int(torch.maximum(row.max(), col.max())) + 1
+    order = torch.argsort(col * n + row)
+    return bool(
+        torch.equal(col[order], row)
+        and torch.equal(row[order], col)
+        and torch.equal(value[order], value)
+    )
+
+
+# Measured choices, keyed by (device type, shape, nnz, width, candidates).
+_CHOICES: dict[tuple[Any, ...], str] = {}
+
+
+def _time_kernel(adj: SparseAdjacency, x: Tensor, repeats: int) -> float:
+    def run() -> None:
+        x.grad = None
+        adj.matmul(x).sum().backward()
+
+    run()  # warm-up (lazy caches, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        run()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_backends(
+    adj: SparseAdjacency, width: int = 64, repeats: int = 3, backends: list[str] | None = None
+) -> dict[str, float]:
+    """Seconds of one forward + backward product with a random ``[C, width]`` input, per kernel.
+
+    The best of ``repeats`` timed runs after one warm-up; every kernel sees the same input.
+    """
+    backends = available_backends() if backends is None else backends
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(adj.shape[1], width, generator=generator, dtype=adj.value.dtype)
+    x = x.to(adj.device).requires_grad_()
+    return {b: _time_kernel(adj.with_backend(b), x, repeats) for b in backends}
+
+
+def choose_backend(adj: SparseAdjacency, width: int = 64) -> str:
+    """The fastest installed kernel for ``adj`` by measurement (cached per shape and device).
+
+    ``"csr"`` is kept unless another kernel takes less than :data:`AUTO_MARGIN` of its
+    time, so that close calls do not flip between runs.
+    """
+    candidates = available_backends()
+    key = (adj.device.type, adj.shape, adj.nnz, width, tuple(candidates))
+    if key not in _CHOICES:
+        if len(candidates) == 1:
+            _CHOICES[key] = candidates[0]
+        else:
+            times = measure_backends(adj, width)
+            best = min(times, key=times.__getitem__)
+            choice = best if times[best] < AUTO_MARGIN * times["csr"] else "csr"
+            logger.info(
+                "sparse backend for %s nnz=%d: %s (%s)",
+                list(adj.shape),
+                adj.nnz,
+                choice,
+                ", ".join(f"{b} {t * 1e3:.2f} ms" for b, t in times.items()),
+            )
+            _CHOICES[key] = choice
+    return _CHOICES[key]
+
+
 def to_adjacency(
     edge_index: Tensor,
     edge_weight: Tensor | None,
     num_rows: int,
     num_cols: int | None = None,
     backend: str = "auto",
-) -> Any:
+    width: int = 64,
+) -> SparseAdjacency:
     """Build a sparse ``[num_rows, num_cols]`` matrix with ``A[row, col] = weight``.
 
     Args:
@@ -61,34 +296,33 @@ def to_adjacency(
         edge_weight: ``[E]`` values, or ``None`` for ones.
         num_rows: number of rows.
         num_cols: number of columns (default ``num_rows``).
-        backend: ``"auto"``, ``"csr"`` or ``"torch_sparse"``.
+        backend: ``"auto"`` (fastest by measurement), ``"csr"``, ``"edge_index"`` or
+            ``"torch_sparse"``.
+        width: feature width used when ``"auto"`` measures the kernels.
     """
     num_cols = num_rows if num_cols is None else num_cols
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
     if edge_weight is None:
         edge_weight = torch.ones(edge_index.size(1), device=edge_index.device)
-    backend = resolve_backend(backend)
-    if backend == "torch_sparse":
-        from torch_sparse import SparseTensor
-
-        return SparseTensor(
-            row=edge_index[0],
-            col=edge_index[1],
-            value=edge_weight,
-            sparse_sizes=(num_rows, num_cols),
-        ).coalesce()
-    coo = torch.sparse_coo_tensor(edge_index, edge_weight, (num_rows, num_cols)).coalesce()
-    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on mm
-        warnings.simplefilter("ignore", UserWarning)
-        return coo.to_sparse_csr()
+    if edge_weight.shape != (edge_index.size(1),):
+        raise ValueError(
+            f"edge_weight must have shape [{edge_index.size(1)}], got {list(edge_weight.shape)}"
+        )
+    check_backend(backend)
+    shape = (int(num_rows), int(num_cols))
+    row, col, value = _coalesce(edge_index, edge_weight, shape)
+    adj = SparseAdjacency(row, col, value, shape, "csr")
+    if backend == "auto":
+        backend = choose_backend(adj, width)
+    return adj.with_backend(backend)
 
 
 def spmm(adj: Any, x: Tensor) -> Tensor:
-    """``adj @ x`` for a torch sparse (CSR/COO) tensor or a ``torch_sparse.SparseTensor``.
-
-    Differentiable with respect to ``x``.
-    """
+    """``adj @ x`` for a :class:`SparseAdjacency`, a torch sparse (CSR/COO) tensor or a
+    ``torch_sparse.SparseTensor``; differentiable with respect to ``x``."""
+    if isinstance(adj, SparseAdjacency):
+        return adj.matmul(x)
     if isinstance(adj, Tensor):
         if not adj.is_sparse and adj.layout != torch.sparse_csr:
             raise TypeError(
@@ -105,6 +339,8 @@ def spmm(adj: Any, x: Tensor) -> Tensor:
 
 def adjacency_shape(adj: Any) -> tuple[int, int]:
     """``(rows, cols)`` of a supported adjacency."""
+    if isinstance(adj, SparseAdjacency):
+        return adj.shape
     if isinstance(adj, Tensor):
         return int(adj.size(0)), int(adj.size(1))
     return tuple(int(s) for s in adj.sparse_sizes())  # type: ignore[return-value]

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from cm3_pyg.errors import ConfigError
-from cm3_pyg.nn.sparse import resolve_backend
+from cm3_pyg.nn.sparse import check_backend
 
 TRAINING_DEFAULTS = Path(__file__).with_name("defaults.yaml")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -158,7 +158,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
             f"config key 'learning_rate' must be > 0, got {config['learning_rate']!r}"
         )
     try:
-        resolve_backend(str(config.get("sparse_backend", "auto")))
+        check_backend(str(config.get("sparse_backend", "auto")))
     except ValueError as exc:
         raise ConfigError(f"config key 'sparse_backend': {exc}") from None
     try:

@@ -220,8 +220,11 @@ class Trainer:
         self.stopped_early = bool(state["stopped_early"])
 
     # ------------------------------------------------------------------ training
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int, max_batches: int | None = None) -> float:
         """One pass over the training interactions; returns the mean batch loss.
+
+        ``max_batches`` stops after that many batches (benchmarks time a few steps of a
+        large epoch with it); the mean is then over the batches taken.
 
         Raises:
             NonFiniteLossError: a batch's loss is NaN or infinite (checked before the
@@ -242,6 +245,10 @@ class Trainer:
             disable=not self.progress,
         )
         for batch_idx, rows in enumerate(bar, start=1):
+            if max_batches is not None and batch_idx > max_batches:
+                num_batches = max_batches
+                bar.close()
+                break
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
             neg = self.sampler.sample(users, self.generator)
