@@ -64,6 +64,8 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 CHILD_MARK = "BENCH_JSON "
+#: Scales whose steps are profiled (where a step's time goes, before and after).
+PROFILED = ("tiktok", "baby", "synthetic")
 
 
 # --------------------------------------------------------------------------- memory
@@ -175,6 +177,7 @@ def train_child(
     device: str,
     steps: int,
     full_epoch: bool,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Build, train and evaluate CM3 at one scale; runs in its own process."""
     import inspect
@@ -225,6 +228,8 @@ def train_child(
     else:
         out["seconds_per_epoch"] = out["seconds_per_step"] * batches
         out["epoch_measured"] = False
+    if profile_steps:
+        out["profile"] = profile_training(trainer, profile_steps, partial)
     valid_users = int(torch.unique(splits.valid[0]).numel())
     _, out["eval_seconds"], out["eval_peak_extra_mib"] = measure_peak(
         lambda: trainer.evaluate("valid")
@@ -242,6 +247,39 @@ def train_child(
         out["encoder_floor_seconds_per_step"] = flops / 1e9 / rate
         out["encoder_floor_seconds_per_epoch"] = flops / 1e9 / rate * batches
     return out
+
+
+def profile_training(trainer: Any, steps: int, partial: bool, top: int = 12) -> dict[str, Any]:
+    """Where the time of ``steps`` optimizer steps goes: torch.profiler's top operators.
+
+    Operators are grouped by name (self time, ms per step, share of the profiled total).
+    Without ``max_batches`` (older code) a whole epoch is profiled and divided by its steps.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if partial:
+            trainer.train_epoch(3, max_batches=steps)
+        else:
+            batches = -(-trainer.splits.train.size(1) // int(trainer.config["train_batch_size"]))
+            trainer.train_epoch(3)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "steps": batches,
+        "total_ms_per_step": total / 1e3 / batches,
+        "top": [
+            {
+                "op": e.key,
+                "ms_per_step": e.self_cpu_time_total / 1e3 / batches,
+                "share": e.self_cpu_time_total / total,
+                "calls_per_step": e.count / batches,
+            }
+            for e in ranked
+        ],
+    }
 
 
 def _nnz(adj: Any) -> int:
@@ -526,6 +564,24 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{_f(r.get('encoder_floor_seconds_per_epoch'), 2)} |"
             )
         lines.append("")
+    profiled = [r for r in result.get("train", []) if r.get("profile")]
+    if profiled:
+        lines += ["## Where a training step goes (torch.profiler, self time per step)", ""]
+        for r in profiled:
+            prof = r["profile"]
+            lines += [
+                f"**{r['scale']}, {r['code']}**: {prof['total_ms_per_step']:.1f} ms of operator "
+                f"time per step ({prof['steps']} steps profiled).",
+                "",
+                "| operator | ms/step | share | calls/step |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| `{e['op']}` | {e['ms_per_step']:.2f} | {100 * e['share']:.1f}% | "
+                f"{e['calls_per_step']:.1f} |"
+                for e in prof["top"]
+            ]
+            lines.append("")
     if "reference" in result:
         lines += [
             "## Against the reference implementation (same machine, same sitting)",
@@ -575,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--full-epoch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=5,
+        help="profile this many TikTok/baby steps (torch.profiler) in the train section; 0: off",
+    )
     return p
 
 
@@ -585,7 +647,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = args.steps or suite["steps"]
     if args.child == "train":
         res = train_child(
-            args.scale, args.data_root, args.cache_dir, device, steps, args.full_epoch
+            args.scale,
+            args.data_root,
+            args.cache_dir,
+            device,
+            steps,
+            args.full_epoch,
+            args.profile_steps,
         )
         print(CHILD_MARK + json.dumps(res), flush=True)
         return 0
@@ -655,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for scale in scales:
                 print(f"train {scale} ...", flush=True)
                 extra = ["--full-epoch"] if scale in suite["full_epoch"] else []
+                if scale in PROFILED:
+                    extra += ["--profile-steps", str(args.profile_steps)]
                 row = run_child(["train", "--scale", scale, *common, *extra])
                 row.setdefault("scale", scale)
                 row["code"] = "this revision"

@@ -115,10 +115,18 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         ones = torch.ones_like(sq_norm)
         scaled = x * math.sqrt(2.0 * t)
         logits = torch.cat([scaled, bias, ones], dim=-1) @ torch.cat([scaled, ones, bias], -1).t()
-        cos = None
+        inside = None
         if unit_features is not None:
-            cos = unit_features @ unit_features.t()
-            sim = cos.clamp(min=min_sim, max=max_sim) if (min_sim, max_sim) != (None, None) else cos
+            sim = unit_features @ unit_features.t()
+            if (min_sim, max_sim) != (None, None):
+                if unit_features.requires_grad:
+                    # torch.clamp's gradient rule: it passes where min <= cos <= max.
+                    inside = torch.ones_like(sim, dtype=torch.bool)
+                    if min_sim is not None:
+                        inside &= sim >= min_sim
+                    if max_sim is not None:
+                        inside &= sim <= max_sim
+                sim.clamp_(min=min_sim, max=max_sim)
         # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
         if log_counts is None:
             diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
@@ -132,14 +140,14 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         peak = logits.max()
         weights = logits.sub_(peak).exp_()
         total = weights.sum()
-        ctx.save_for_backward(x, weights, total, unit_features, cos)
-        ctx.t, ctx.min_sim, ctx.max_sim = t, min_sim, max_sim
+        ctx.save_for_backward(x, weights, total, unit_features, inside)
+        ctx.t = t
         return peak + total.log()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weights, total, unit_features, cos = ctx.saved_tensors
+        x, weights, total, unit_features, inside = ctx.saved_tensors
         t = ctx.t
         scale = grad / total
         grad_x = grad_sim = grad_features = None
@@ -152,11 +160,7 @@ class _PairwiseLogSumExp(torch.autograd.Function):
             grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
         if ctx.needs_input_grad[3]:
             # d cos_ab: the clamp passes the gradient where min <= cos <= max (as torch.clamp).
-            masked = weights
-            if ctx.min_sim is not None:
-                masked = masked.masked_fill(cos < ctx.min_sim, 0.0)
-            if ctx.max_sim is not None:
-                masked = masked.masked_fill(cos > ctx.max_sim, 0.0)
+            masked = weights if inside is None else weights * inside
             grad_features = (masked @ unit_features) * (scale * -4.0 * t)
         return grad_x, None, grad_sim, grad_features, None, None, None
 

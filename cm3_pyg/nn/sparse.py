@@ -4,11 +4,12 @@ An adjacency here is a fixed matrix ``A`` with ``out = A @ x`` (row ``i`` lists 
 ``i`` aggregates), differentiable with respect to ``x``. :func:`to_adjacency` builds a
 :class:`SparseAdjacency` for one of three kernels:
 
-* ``"csr"``: ``torch.sparse_csr_tensor`` products (:func:`torch.sparse.mm`) in both
-  directions. The transpose is built once, so the backward pass is one more CSR product;
-  autograd's own backward of ``torch.sparse.mm`` re-transposes (sorts) the matrix on every
-  call, which cost as much as the products themselves on the TikTok graph. A symmetric
-  matrix (the normalised user-item graph) is its own transpose and is stored once.
+* ``"csr"``: ``torch.sparse_csr_tensor`` products (:func:`torch.sparse.mm`, on CPU its
+  ``reduce="sum"`` kernel) in both directions. The transpose is built once, so the
+  backward pass is one more CSR product; autograd's own backward of ``torch.sparse.mm``
+  re-transposes (sorts) the matrix on every call, which cost as much as the products
+  themselves on the TikTok graph. A symmetric matrix (the normalised user-item graph) is
+  its own transpose and is stored once.
 * ``"edge_index"``: PyG's :class:`torch_geometric.EdgeIndex` with its cached CSR/CSC
   metadata (``EdgeIndex.matmul``).
 * ``"torch_sparse"``: ``torch_sparse.SparseTensor`` (optional ``sparse`` extra).
@@ -83,19 +84,32 @@ def _coalesce(
     return index[0], index[1], coo.values()
 
 
+def _csr_mm(matrix: Tensor, x: Tensor) -> Tensor:
+    """``matrix @ x`` for a CSR ``matrix`` (no autograd).
+
+    On CPU the ``reduce="sum"`` kernel is used: it writes the rows directly, where the
+    default CPU path zero-fills the output and copies operands around the same product
+    (about 4x slower on the TikTok graph, see BENCHMARKS.md). Other devices have no such
+    kernel and take the default path.
+    """
+    if x.device.type == "cpu":
+        return torch.sparse.mm(matrix, x.contiguous(), "sum")
+    return torch.sparse.mm(matrix, x)
+
+
 class _CSRProduct(torch.autograd.Function):
     """``A @ x`` whose backward is ``A^T @ grad`` with a prebuilt ``A^T``."""
 
     @staticmethod
     def forward(ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor) -> Tensor:
         ctx.matrix_t = matrix_t
-        return torch.sparse.mm(matrix, x)
+        return _csr_mm(matrix, x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None]:
         if not ctx.needs_input_grad[2]:
             return None, None, None
-        return None, None, torch.sparse.mm(ctx.matrix_t, grad.contiguous())
+        return None, None, _csr_mm(ctx.matrix_t, grad)
 
 
 class SparseAdjacency:
