@@ -80,8 +80,24 @@ def rss_mib() -> float:
     return 0.0
 
 
+#: Highest VmHWM seen before any reset, so that :func:`process_peak_rss_mib` stays the
+#: peak of the whole process while :func:`measure_peak` resets the counter per phase.
+_FOLDED_PEAK_MIB = 0.0
+
+
+def process_peak_rss_mib() -> float:
+    """Peak RSS of this process since it started (exec), MiB.
+
+    ``getrusage``'s ``ru_maxrss`` is not used: Linux carries it over ``execve``, so a
+    child would report its parent's peak when that was higher.
+    """
+    return max(_FOLDED_PEAK_MIB, peak_rss_mib())
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5)."""
+    global _FOLDED_PEAK_MIB
+    _FOLDED_PEAK_MIB = max(_FOLDED_PEAK_MIB, peak_rss_mib())
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -236,7 +252,7 @@ def train_child(
     )
     out["eval_users"] = valid_users
     out["eval_users_per_second"] = valid_users / out["eval_seconds"]
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = process_peak_rss_mib()
     if dev.type == "cuda":
         out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if max(out["feature_dims"], default=0) >= 1024:

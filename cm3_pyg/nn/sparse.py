@@ -42,6 +42,10 @@ BACKENDS = ("csr", "edge_index", "torch_sparse")
 #: A measured alternative must beat ``"csr"`` by this factor to be chosen, so that the
 #: choice does not flip between runs on timing noise.
 AUTO_MARGIN = 0.9
+#: Below this many stored entries ``"auto"`` takes ``"csr"`` without measuring: the
+#: kernels differ by fractions of a millisecond there, and a fixed choice keeps small runs
+#: bit-reproducible (kernels sum in different orders).
+AUTO_MIN_NNZ = 200_000
 
 
 def available_backends() -> list[str]:
@@ -79,7 +83,16 @@ def _coalesce(
     edge_index: Tensor, edge_weight: Tensor, shape: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Row-major sorted, duplicate-summed ``(row, col, value)``."""
-    coo = torch.sparse_coo_tensor(edge_index, edge_weight, shape).coalesce()
+    for axis, (name, size) in enumerate((("row", shape[0]), ("column", shape[1]))):
+        if edge_index.size(1) and (
+            int(edge_index[axis].min()) < 0 or int(edge_index[axis].max()) >= size
+        ):
+            raise ValueError(
+                f"edge_index[{axis}] has a {name} index outside [0, {size}) "
+                f"(min {int(edge_index[axis].min())}, max {int(edge_index[axis].max())})"
+            )
+    # Bounds are checked above, so torch's per-call invariant check is not needed.
+    coo = torch.sparse_coo_tensor(edge_index, edge_weight, shape, check_invariants=False).coalesce()
     index = coo.indices()
     return index[0], index[1], coo.values()
 
@@ -272,12 +285,14 @@ def choose_backend(adj: SparseAdjacency, width: int = 64) -> str:
     """The fastest installed kernel for ``adj`` by measurement (cached per shape and device).
 
     ``"csr"`` is kept unless another kernel takes less than :data:`AUTO_MARGIN` of its
-    time, so that close calls do not flip between runs.
+    time, so that close calls do not flip between runs, and below :data:`AUTO_MIN_NNZ`
+    entries without measuring. Kernels sum in different orders: for bit-identical repeats
+    of a large run, pin the backend (``run_experiment`` records the one chosen).
     """
     candidates = available_backends()
     key = (adj.device.type, adj.shape, adj.nnz, width, tuple(candidates))
     if key not in _CHOICES:
-        if len(candidates) == 1:
+        if len(candidates) == 1 or adj.nnz < AUTO_MIN_NNZ:
             _CHOICES[key] = candidates[0]
         else:
             times = measure_backends(adj, width)

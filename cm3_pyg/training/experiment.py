@@ -224,6 +224,12 @@ def run_experiment(
         "model": model_cls.name,
         "config": config,
         "modalities": inputs.modalities,
+        # The kernels "auto" resolved to (pin sparse_backend to reproduce bit for bit).
+        "sparse_backends": {
+            name: getattr(adj, "backend", type(adj).__name__)
+            for name, adj in (("ui", inputs.ui_adj), ("item", inputs.item_adj))
+            if adj is not None
+        },
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
