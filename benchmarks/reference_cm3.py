@@ -51,8 +51,8 @@ Scales:
 * ``tiktok``: the real TikTok data (``tiktok.inter``, ``image_feat.npy`` as the vision
   feature, ``audio_feat.npy`` in the reference's text slot, as in our parity run).
 * ``baby``: the real Amazon-Baby graph (``baby/baby.inter``) with features of MMRec's
-  shapes (image 4096, text 384) from :func:`generated_features`, so that our side of the
-  benchmark can build the identical inputs.
+  shapes (image 4096, text 384) from :func:`benchmarks.scales.generated_features`, the
+  same generator our side of the benchmark uses, so both train on identical inputs.
 """
 
 from __future__ import annotations
@@ -73,15 +73,15 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.scales import MMREC_FEATURE_DIMS, generated_features
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = "CM3_DATA_ROOT"
 #: ``$CM3_DATA_ROOT`` or ``../shared/data`` beside the repository.
 DEFAULT_DATA_ROOT = os.environ.get(DATA_ROOT_ENV, str(REPO.parent / "shared" / "data"))
 
 SCALES = ("tiktok", "baby")
-#: Feature widths of MMRec's Amazon datasets (image, text), used for the ``baby`` scale.
-BABY_FEATURE_DIMS = (4096, 384)
-#: Seed of :func:`generated_features` for the ``baby`` scale.
+#: Seed of :func:`benchmarks.scales.generated_features` for the ``baby`` scale.
 BABY_FEATURE_SEED = 0
 
 #: The reference's CM3 defaults as used for parity (single values, no grid search).
@@ -321,21 +321,6 @@ print(RESULT_PREFIX + json.dumps({
 """
 
 
-def generated_features(
-    num_items: int, dims: Sequence[int] = BABY_FEATURE_DIMS, seed: int = BABY_FEATURE_SEED
-) -> tuple[np.ndarray, ...]:
-    """Standard-normal float32 item features, one ``(num_items, d)`` array per ``d`` in ``dims``.
-
-    Drawn in order from a single ``numpy.random.default_rng(seed)``, so the same arguments
-    always give the same arrays (this is what both sides of the ``baby`` benchmark load:
-    the first array as the image feature, the second as the text feature).
-    """
-    if num_items <= 0 or any(int(d) <= 0 for d in dims):
-        raise ValueError(f"num_items and dims must be positive, got {num_items}, {list(dims)}")
-    rng = np.random.default_rng(seed)
-    return tuple(rng.standard_normal((num_items, int(d)), dtype=np.float32) for d in dims)
-
-
 def check_reference_dir(reference_dir: str | os.PathLike[str]) -> Path:
     """Return ``reference_dir`` as a resolved path, or raise if it is no CM3 reference checkout."""
     root = Path(reference_dir).expanduser()
@@ -396,9 +381,10 @@ def _prepare_data(scale: str, data_root: Path, dest: Path, feature_seed: int) ->
         folder = dest / "baby_shaped"
         folder.mkdir(parents=True)
         (folder / "baby.inter").symlink_to(inter.resolve())
-        image, text = generated_features(_num_items(inter), BABY_FEATURE_DIMS, feature_seed)
-        np.save(folder / "image_feat.npy", image)
-        np.save(folder / "text_feat.npy", text)
+        # The very features our side of the benchmark loads (benchmarks.scales).
+        features = generated_features(_num_items(inter), MMREC_FEATURE_DIMS, feature_seed)
+        np.save(folder / "image_feat.npy", features["image"])
+        np.save(folder / "text_feat.npy", features["text"])
         return "baby_shaped", "baby.inter"
     raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 

@@ -65,7 +65,7 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 CHILD_MARK = "BENCH_JSON "
 #: Scales whose steps are profiled (where a step's time goes, before and after).
-PROFILED = ("tiktok", "baby", "synthetic")
+PROFILED = ("tiktok", "baby", "elec", "synthetic")
 
 
 # --------------------------------------------------------------------------- memory
@@ -431,7 +431,10 @@ def kernel_graphs(data_root: str | None, cache_dir: str | None, suite: str):
 
 
 # --------------------------------------------------------------------------- knn
-def knn_section(data_root: str | None, cache_dir: str | None, suite: str) -> list[dict[str, Any]]:
+def knn_section(
+    data_root: str | None, cache_dir: str | None, suite: str, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Block-wise vs dense kNN build per feature matrix (peak extra RSS: host memory)."""
     from benchmarks.scales import generated_features
     from cm3_pyg.data.graphs import cosine_topk
 
@@ -451,6 +454,7 @@ def knn_section(data_root: str | None, cache_dir: str | None, suite: str) -> lis
     rows = []
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for name, x in cases.items():
+        x = x.to(device)
         n = x.size(0)
         (_, block_idx), block_s, block_mib = measure_peak(lambda x=x: cosine_topk(x, 10))
         row: dict[str, Any] = {
@@ -643,9 +647,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline-rev", default=None, help="git revision for before/after runs")
     p.add_argument("--out", default=str(RESULTS), help="folder for <suite>.json and .md")
+    p.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="time --steps steps and estimate epochs (no full epochs; e.g. a quick Elec check)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scale", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per scale (default: the suite's)"
+    )
     p.add_argument("--full-epoch", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--profile-steps",
@@ -727,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save()
     if "knn" in sections:
         print("knn ...", flush=True)
-        result["knn"] = knn_section(args.data_root, args.cache_dir, args.suite)
+        result["knn"] = knn_section(args.data_root, args.cache_dir, args.suite, device)
         save()
     ours: dict[str, dict[str, Any]] = {}
     if "train" in sections:
@@ -738,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for scale in scales:
                 print(f"train {scale} ...", flush=True)
-                extra = ["--full-epoch"] if scale in suite["full_epoch"] else []
+                full = scale in suite["full_epoch"] and not args.steps_only
+                extra = ["--full-epoch"] if full else []
                 if scale in PROFILED:
                     extra += ["--profile-steps", str(args.profile_steps)]
                 row = run_child(["train", "--scale", scale, *common, *extra])

@@ -483,3 +483,13 @@ def test_synthetic_data_passes_every_check(tmp_path: Path) -> None:
         warnings.simplefilter("error", DataWarning)
         assert validate_folder(tmp_path / "s") == []
         assert MMRecDataset(tmp_path / "s")[0]["item"].num_nodes == 30
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    from cm3_pyg.io import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    atomic_write_text(atomic, "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
