@@ -144,7 +144,8 @@ class BM3(Recommender):
         """Online ``(user [U, d], item [I, d])`` before the predictor."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
-        return h[: self.num_users], h[self.num_users :] + self.item_embedding
+        user, item = h.split([self.num_users, h.size(0) - self.num_users])
+        return user, item + self.item_embedding
 
     def modality_embeddings(self, features: Sequence[Tensor], items: Tensor) -> list[Tensor]:
         """``M`` tensors ``[B, d]``: the encoded (fine-tuned) features of ``items``."""

@@ -184,7 +184,8 @@ class CM3(Recommender):
             dim=-1,
         )
         h = self.propagation(x0, ui_adj)
-        user_h, item_h = h[: self.num_users], h[self.num_users :]
+        # split, not two slices: its backward concatenates instead of zero-filling twice
+        user_h, item_h = h.split([self.num_users, self.num_items])
         weights = torch.softmax(self.user_channel_logits, dim=-1).unsqueeze(-1)
         user = (user_h.view(self.num_users, self.num_channels, -1) * weights).flatten(1)
         if item_adj is not None:

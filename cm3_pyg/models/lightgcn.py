@@ -80,7 +80,8 @@ class LightGCN(Recommender):
         """``(user [U, d], item [I, d])`` after propagation over the normalised ``ui_adj``."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
-        return h[: self.num_users], h[self.num_users :]
+        user, item = h.split([self.num_users, h.size(0) - self.num_users])
+        return user, item
 
     def loss(
         self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor

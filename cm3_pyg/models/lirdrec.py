@@ -323,7 +323,7 @@ class LIRDRec(Recommender):
             dim=-1,
         )
         h = self.propagation(x0, ui_adj)
-        user_h, item_h = h[: self.num_users], h[self.num_users :]
+        user_h, item_h = h.split([self.num_users, h.size(0) - self.num_users])
         user = self.pwc(list(user_h.split(self.embedding_dim, dim=1)))
         if item_adj is not None:
             item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)
