@@ -74,9 +74,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.scales import MMREC_FEATURE_DIMS, generated_features
+from cm3_pyg.cli import DATA_ROOT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT_ENV = "CM3_DATA_ROOT"
 #: ``$CM3_DATA_ROOT`` or ``../shared/data`` beside the repository.
 DEFAULT_DATA_ROOT = os.environ.get(DATA_ROOT_ENV, str(REPO.parent / "shared" / "data"))
 

@@ -69,15 +69,21 @@ PROFILED = ("tiktok", "baby", "elec", "synthetic")
 
 
 # --------------------------------------------------------------------------- memory
-def rss_mib() -> float:
-    """Current resident set size (MiB), from /proc (0 where unavailable)."""
+def _status_mib(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB (``None`` where unavailable)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def rss_mib() -> float:
+    """Current resident set size (MiB), from /proc (0 where unavailable)."""
+    current = _status_mib("VmRSS")
+    return 0.0 if current is None else current
 
 
 #: Highest VmHWM seen before any reset, so that :func:`process_peak_rss_mib` stays the
@@ -107,13 +113,8 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mib() -> float:
     """Peak RSS since the last :func:`reset_peak_rss` (else since start), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 def measure_peak(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -364,31 +365,18 @@ def _kernel_candidates(index: torch.Tensor, weight: torch.Tensor, n: int) -> dic
     return kernels
 
 
-def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-    def once() -> None:
-        x.grad = None
-        fn(x).sum().backward()
-
-    once()
-    times = []
-    for _ in range(5):
-        _sync(x.device)
-        start = time.perf_counter()
-        once()
-        _sync(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def kernels_section(graphs: dict[str, tuple[torch.Tensor, torch.Tensor, int]], device: str):
-    from cm3_pyg.nn.sparse import choose_backend, to_adjacency
+    from cm3_pyg.nn.sparse import choose_backend, time_forward_backward, to_adjacency
 
     rows = []
     for name, (index, weight, n) in graphs.items():
         for width in (64, 192):
             x = torch.randn(n, width, device=device, requires_grad=True)
             kernels = _kernel_candidates(index.to(device), weight.to(device), n)
-            times = {label: _time_fwd_bwd(fn, x) for label, fn in kernels.items()}
+            times = {
+                label: statistics.median(time_forward_backward(fn, x, repeats=5))
+                for label, fn in kernels.items()
+            }
             base = times["torch.sparse.mm (CSR, autograd)"]
             adj = to_adjacency(index.to(device), weight.to(device), n, backend="csr")
             rows.append(
@@ -619,13 +607,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -720,10 +701,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {**result, **both}
 
     def save() -> None:
+        from cm3_pyg.io import atomic_write_text
+
         result["total_seconds"] = time.perf_counter() - started
         full = merged()
-        write_atomic(target, json.dumps(full, indent=2) + "\n")
-        write_atomic(out / f"{args.suite}.md", to_markdown(full) + "\n")
+        atomic_write_text(target, json.dumps(full, indent=2) + "\n")
+        atomic_write_text(out / f"{args.suite}.md", to_markdown(full) + "\n")
 
     common = ["--device", device, "--steps", str(steps)]
     if args.data_root:

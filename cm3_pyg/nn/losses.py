@@ -101,7 +101,7 @@ class _PairwiseLogSumExp(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: Tensor,
-        log_counts: Tensor | None,
+        counts: Tensor | None,
         sim: Tensor | None,
         unit_features: Tensor | None,
         min_sim: float | None,
@@ -110,8 +110,8 @@ class _PairwiseLogSumExp(torch.autograd.Function):
     ) -> Tensor:
         sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
         bias = sq_norm.mul(-t)
-        if log_counts is not None:
-            bias = bias + log_counts.unsqueeze(-1)
+        if counts is not None:
+            bias = bias + counts.log().unsqueeze(-1)
         ones = torch.ones_like(sq_norm)
         scaled = x * math.sqrt(2.0 * t)
         logits = torch.cat([scaled, bias, ones], dim=-1) @ torch.cat([scaled, ones, bias], -1).t()
@@ -128,10 +128,9 @@ class _PairwiseLogSumExp(torch.autograd.Function):
                         inside &= sim <= max_sim
                 sim.clamp_(min=min_sim, max=max_sim)
         # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
-        if log_counts is None:
+        if counts is None:
             diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
         else:
-            counts = log_counts.exp()
             diagonal = torch.log(counts * (counts - 1.0))
         if sim is not None:
             logits.sub_(sim, alpha=2.0 * t)
@@ -170,13 +169,14 @@ def _pairwise_uniformity(
     t: float,
     counts: Tensor | None,
     sim: Tensor | ClampedCosineSimilarity | None,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""Shared body of the two uniformity losses: :math:`\log` of the mean of
-    :math:`e^{\ell_{ab}}` over ordered pairs of distinct batch positions."""
+    :math:`e^{\ell_{ab}}` over ordered pairs of distinct batch positions, plus ``offset``
+    (0 when the batch has no pairs)."""
     n = x.size(0)
     if counts is None:
         size = float(n)
-        log_counts = None
     else:
         if counts.shape != (n,):
             raise ValueError(f"counts must have shape [{n}], got {list(counts.shape)}")
@@ -184,7 +184,6 @@ def _pairwise_uniformity(
         if bool((counts < 1).any()):
             raise ValueError("counts must be >= 1 (multiplicity of each row in the batch)")
         size = float(counts.sum())
-        log_counts = counts.log()
     features = min_sim = max_sim = None
     sim_tensor = None
     if isinstance(sim, ClampedCosineSimilarity):
@@ -209,8 +208,8 @@ def _pairwise_uniformity(
         if sim_tensor is not None:
             zero = zero + sim_tensor.sum() * 0.0
         return zero
-    lse = _PairwiseLogSumExp.apply(x, log_counts, sim_tensor, features, min_sim, max_sim, t)
-    return lse - math.log(size * (size - 1.0))
+    lse = _PairwiseLogSumExp.apply(x, counts, sim_tensor, features, min_sim, max_sim, t)
+    return lse - math.log(size * (size - 1.0)) + offset
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, counts: Tensor | None = None) -> Tensor:
@@ -267,9 +266,7 @@ def calibrated_uniformity_loss(
     if sim is None:
         raise ValueError("calibrated_uniformity_loss needs sim (use uniformity_loss without)")
     # exponent -t(d^2 - 2 + 2 s) = -t d^2 - 2t s + 2t; the constant leaves the log-sum-exp.
-    loss = _pairwise_uniformity(x, t, counts, sim)
-    n_pairs = float(counts.sum()) if counts is not None else float(x.size(0))
-    return loss + 2.0 * t if n_pairs >= 2 else loss
+    return _pairwise_uniformity(x, t, counts, sim, offset=2.0 * t)
 
 
 def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:

@@ -138,15 +138,22 @@ class SparseAdjacency:
     """
 
     def __init__(
-        self, row: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int], backend: str
+        self,
+        row: Tensor,
+        col: Tensor,
+        value: Tensor,
+        shape: tuple[int, int],
+        backend: str,
+        symmetric: bool | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown sparse backend {backend!r}; expected one of {BACKENDS}")
-        check_backend(backend)
+        if check_backend(backend) == "auto":
+            raise ValueError(f"a SparseAdjacency needs a concrete backend, one of {BACKENDS}")
         self.row, self.col, self.value = row, col, value
         self.shape = (int(shape[0]), int(shape[1]))
         self.backend = backend
-        self.symmetric = self.shape[0] == self.shape[1] and _is_symmetric(row, col, value)
+        if symmetric is None:  # known when re-preparing the same entries
+            symmetric = self.shape[0] == self.shape[1] and _is_symmetric(row, col, value)
+        self.symmetric = symmetric
         self._kernel: Callable[[Tensor], Tensor] = self._build()
 
     def _build(self) -> Callable[[Tensor], Tensor]:
@@ -212,13 +219,13 @@ class SparseAdjacency:
             if device == self.device:
                 return self
             row, col, value = self.row.to(device), self.col.to(device), self.value.to(device)
-        return SparseAdjacency(row, col, value, self.shape, self.backend)
+        return SparseAdjacency(row, col, value, self.shape, self.backend, self.symmetric)
 
     def with_backend(self, backend: str) -> SparseAdjacency:
         """The same matrix prepared for another kernel."""
         if backend == self.backend:
             return self
-        return SparseAdjacency(self.row, self.col, self.value, self.shape, backend)
+        return SparseAdjacency(self.row, self.col, self.value, self.shape, backend, self.symmetric)
 
     def to_dense(self) -> Tensor:
         out = torch.zeros(self.shape, dtype=self.value.dtype, device=self.device)
@@ -249,13 +256,20 @@ def _is_symmetric(row: Tensor, col: Tensor, value: Tensor) -> bool:
 _CHOICES: dict[tuple[Any, ...], str] = {}
 
 
-def _time_kernel(adj: SparseAdjacency, x: Tensor, repeats: int) -> float:
+def time_forward_backward(
+    product: Callable[[Tensor], Tensor], x: Tensor, repeats: int = 3
+) -> list[float]:
+    """Seconds of ``product(x).sum().backward()`` for each of ``repeats`` runs after a warm-up.
+
+    ``x`` must require grad; its gradient is reset before every run.
+    """
+
     def run() -> None:
         x.grad = None
-        adj.matmul(x).sum().backward()
+        product(x).sum().backward()
 
     run()  # warm-up (lazy caches, allocator)
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
@@ -263,8 +277,8 @@ def _time_kernel(adj: SparseAdjacency, x: Tensor, repeats: int) -> float:
         run()
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def measure_backends(
@@ -278,7 +292,7 @@ def measure_backends(
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(adj.shape[1], width, generator=generator, dtype=adj.value.dtype)
     x = x.to(adj.device).requires_grad_()
-    return {b: _time_kernel(adj.with_backend(b), x, repeats) for b in backends}
+    return {b: min(time_forward_backward(adj.with_backend(b).matmul, x, repeats)) for b in backends}
 
 
 def choose_backend(adj: SparseAdjacency, width: int = 64) -> str:
@@ -341,10 +355,10 @@ def to_adjacency(
     check_backend(backend)
     shape = (int(num_rows), int(num_cols))
     row, col, value = _coalesce(edge_index, edge_weight, shape)
+    if backend != "auto":
+        return SparseAdjacency(row, col, value, shape, backend)
     adj = SparseAdjacency(row, col, value, shape, "csr")
-    if backend == "auto":
-        backend = choose_backend(adj, width)
-    return adj.with_backend(backend)
+    return adj.with_backend(choose_backend(adj, width))
 
 
 def spmm(adj: Any, x: Tensor) -> Tensor:
