@@ -206,6 +206,12 @@ def train_child(
 
     dev = torch.device(device)
     out: dict[str, Any] = {"scale": scale, "device": device, "threads": torch.get_num_threads()}
+    try:  # what the training CLIs do (older revisions lack it)
+        from cm3_pyg.training.memory import retain_freed_memory
+    except ImportError:
+        out["retain_freed_memory"] = False
+    else:
+        out["retain_freed_memory"] = retain_freed_memory()
     data, out["load_seconds"], _ = measure_peak(lambda: load_scale(scale, data_root, cache_dir))
     config = load_config(CM3.default_config(), None, {"device": device})
     seed_everything(int(config["seed"]))

@@ -19,6 +19,7 @@ from cm3_pyg.data import MMRecDataset, make_synthetic
 from cm3_pyg.errors import CM3Error, NonFiniteLossError
 from cm3_pyg.models import MODELS, get_model_class
 from cm3_pyg.training import load_config, parse_overrides, run_experiment
+from cm3_pyg.training.memory import retain_freed_memory
 
 DATA_ROOT_ENV = "CM3_DATA_ROOT"
 EXIT_BAD_INPUT = 2
@@ -122,6 +123,7 @@ def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
     args = build_parser(default_model).parse_args(argv)
+    retain_freed_memory()  # an application-level allocator choice; see cm3_pyg.training.memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("cm3_pyg")
     out: str | None = None

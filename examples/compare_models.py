@@ -31,6 +31,7 @@ from cm3_pyg.experiments import (
 )
 from cm3_pyg.models import MODELS
 from cm3_pyg.training import parse_overrides, training_defaults
+from cm3_pyg.training.memory import retain_freed_memory
 
 
 def _int_list(text: str) -> list[int]:
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # an application-level allocator choice; see cm3_pyg.training.memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]

@@ -134,6 +134,26 @@ def test_fused_cosine_equals_explicit_similarity_matrix():
         torch.testing.assert_close(u, v)
 
 
+def test_fused_cosine_clamp_gradient_at_the_bounds_follows_torch_clamp():
+    # Axis-aligned features give cosines of exactly 0 and 1, equal to the clamp bounds:
+    # torch.clamp passes the gradient there (min <= cos <= max), and so must the fused
+    # kernel; a negative cosine (below min) gets none.
+    f0 = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [-1.0, 0.5, 0.0], [0.0, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
+    x0 = unit(5, 4, 11)
+    x, f = x0.clone().requires_grad_(), f0.clone().requires_grad_()
+    got = calibrated_uniformity_loss(x, ClampedCosineSimilarity(f, 0.0, 1.0))
+    y, g = x0.clone().requires_grad_(), f0.clone().requires_grad_()
+    gn = g / g.norm(dim=-1, keepdim=True)
+    expected = brute_calibrated(y, (gn @ gn.t()).clamp(0.0, 1.0), 2.0)
+    torch.testing.assert_close(got, expected)
+    ours, theirs = torch.autograd.grad(got, (x, f)), torch.autograd.grad(expected, (y, g))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_counts_validation():
     x = unit(4, 3, 6)
     with pytest.raises(ValueError, match="counts must have shape"):

@@ -147,6 +147,46 @@ def test_every_backend_matches_dense_forward_and_backward_on_a_directed_graph(ba
     torch.testing.assert_close(grad, a.t() @ g)
 
 
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("combine", ["sum", "mean", "last"])
+@pytest.mark.parametrize("num_layers", [0, 1, 3])
+def test_multi_layer_propagation_matches_dense_powers_and_their_transpose(
+    backend, combine, num_layers
+):
+    # Directed (so the backward needs A^T) with duplicates; all layers in one call.
+    index, weight = _directed(seed=7)
+    adj = to_adjacency(index, weight, 40, backend=backend)
+    a = dense(index, weight, 40)
+    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, 6, dtype=torch.float64)
+    powers = [torch.eye(40, dtype=torch.float64)]
+    for _ in range(num_layers):
+        powers.append(a @ powers[-1])
+    operator = {
+        "sum": sum(powers),
+        "mean": sum(powers) / (num_layers + 1),
+        "last": powers[-1],
+    }[combine]
+    out = UserItemPropagation(num_layers, combine)(x, adj)
+    torch.testing.assert_close(out, operator @ x.detach())
+    (grad,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(grad, operator.t() @ g)
+    # the output never aliases the input (callers may modify it in place)
+    assert out.data_ptr() != x.data_ptr()
+
+
+def test_multi_layer_propagation_validates_its_arguments():
+    index, weight = _directed()
+    adj = to_adjacency(index, weight, 40)
+    with pytest.raises(ValueError, match="combine"):
+        adj.propagate(torch.zeros(40, 2, dtype=torch.float64), 2, "max")
+    with pytest.raises(ValueError, match="cannot multiply x with 39 rows"):
+        adj.propagate(torch.zeros(39, 2, dtype=torch.float64), 2)
+    rect = to_adjacency(torch.tensor([[0, 1], [2, 0]]), torch.ones(2), 2, 3)
+    with pytest.raises(ValueError, match="square"):
+        rect.propagate(torch.zeros(3, 2), 1)
+
+
 def test_rectangular_adjacency_and_shape_errors():
     index = torch.tensor([[0, 1, 2], [4, 0, 3]])
     weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
@@ -171,10 +172,18 @@ class CM3(Recommender):
         """
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
-        item_channels = [encoder(x) for encoder, x in zip(self.encoders, features, strict=True)]
-        fused = self.fusion(
-            [proj(x) for proj, x in zip(self.projections, features, strict=True)], t=t
-        )
+        item_channels, projected = [], []
+        for encoder, proj, x in zip(self.encoders, self.projections, features, strict=True):
+            first, activation, second = encoder
+            # The encoder's first layer and the fusion projection read the same features:
+            # one GEMM over the stacked weights reads [I, d_m] once (same values as two).
+            both = F.linear(
+                x, torch.cat([first.weight, proj.weight]), torch.cat([first.bias, proj.bias])
+            )
+            hidden, p = both.split([first.out_features, proj.out_features], dim=-1)
+            item_channels.append(second(activation(hidden)))
+            projected.append(p)
+        fused = self.fusion(projected, t=t)
         item_channels.append(fused)
         x0 = torch.cat(
             [

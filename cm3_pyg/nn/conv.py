@@ -55,14 +55,13 @@ class UserItemPropagation(MessagePassing):
         """No learnable parameters."""
 
     def forward(self, x: Tensor, adj_t: Any, edge_weight: Tensor | None = None) -> Tensor:
+        if isinstance(adj_t, SparseAdjacency):
+            # PyG's propagate() does not know this type; all layers run as one fused node.
+            return adj_t.propagate(x, self.num_layers, self.combine)
         h = x
         total = x if self.combine != "last" else None
         for _ in range(self.num_layers):
-            if isinstance(adj_t, SparseAdjacency):
-                # PyG's propagate() does not know this type; its fused path is this call.
-                h = self.message_and_aggregate(adj_t, h)
-            else:
-                h = self.propagate(adj_t, x=h, edge_weight=edge_weight)
+            h = self.propagate(adj_t, x=h, edge_weight=edge_weight)
             if total is not None:
                 total = total + h
         if self.combine == "last":

@@ -9,37 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cm3_pyg.nn.functional import normalize_rows
-
-
-def _angle(a: Tensor, b: Tensor) -> Tensor:
-    r"""Angle between unit rows, ``2 atan2(||a - b||, ||a + b||)``.
-
-    Unlike ``acos(a . b)`` this is accurate near 0 and near :math:`\pi`, and its gradient
-    stays finite there.
-    """
-    return 2.0 * torch.atan2((a - b).norm(dim=-1, keepdim=True), (a + b).norm(dim=-1, keepdim=True))
-
-
-def _orthogonal_direction(a: Tensor, b: Tensor) -> Tensor:
-    """A unit vector orthogonal to ``a`` in the plane of ``a`` and ``b``.
-
-    When ``b`` is (numerically) ``-a`` that plane is undefined; we then rotate towards the
-    coordinate axis least aligned with ``a`` so the path is still a great half-circle.
-    """
-    cos = (a * b).sum(dim=-1, keepdim=True)
-    r = b - cos * a
-    r_norm = r.norm(dim=-1, keepdim=True)
-    axis = F.one_hot(a.abs().argmin(dim=-1), a.size(-1)).to(a.dtype)
-    fallback = axis - (a * axis).sum(dim=-1, keepdim=True) * a
-    degenerate = r_norm < 1e-6
-    r = torch.where(degenerate, fallback, r)
-    return r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
@@ -50,17 +25,25 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
             + \frac{\sin(t\theta)}{\sin\theta} b, \qquad \theta = \angle(a, b)
 
     Numerically stable over the whole range of angles and never NaN (values or
-    gradients): for :math:`\theta \le \pi/2` the coefficients are evaluated as ratios of
-    ``sinc`` (exact, smooth at :math:`\theta = 0` where slerp becomes linear
-    interpolation); for larger angles the equivalent form
-    :math:`\cos(t\theta) a + \sin(t\theta) u`, with :math:`u` the unit direction of
-    :math:`b` orthogonal to :math:`a`, avoids dividing by a vanishing
-    :math:`\sin\theta`. For exactly antipodal rows any great circle is a valid path; a
-    deterministic one is chosen.
+    gradients):
+
+    * :math:`\theta = 2\,\mathrm{atan2}(\|a - b\|, \|a + b\|)`, accurate near 0 and
+      :math:`\pi` (unlike ``acos(a . b)``) with a finite gradient there;
+    * for :math:`\theta \le \pi/2` the coefficients are ratios of ``sinc`` (exact and
+      smooth at :math:`\theta = 0`, where slerp becomes linear interpolation);
+    * for larger angles the equivalent form :math:`\cos(t\theta) a + \sin(t\theta) u`,
+      with :math:`u = r / \|r\|`, :math:`r = b - (a \cdot b) a`, avoids dividing by a
+      vanishing :math:`\sin\theta`; for (numerically) antipodal rows, where that plane
+      is undefined, :math:`u` turns towards the coordinate axis least aligned with
+      :math:`a`, a deterministic choice among the equally valid great circles.
 
     A zero row has no direction (e.g. a modality without signal for an item): the
     interpolation then stays at the other endpoint for every ``t``, so fusion ignores
     that control point; two zero rows give a zero row.
+
+    Every case is expressed as per-row coefficients, ``out = c_a a + c_b b (+ c_e e_k)``, so
+    the branch selection runs on ``[N, 1]`` tensors and only a handful of passes touch
+    the ``[N, d]`` rows (the fusion runs on every item in every training step).
 
     Args:
         a: ``[N, d]`` unit (or zero) rows (``t = 0``).
@@ -77,23 +60,46 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
     t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
     if t.dim() == 1 and a.dim() == 2:
         t = t.unsqueeze(-1)
-    theta = _angle(a, b)
-    # Form 1 (theta <= pi/2): sin(s*theta)/sin(theta) = s * sinc(s*theta/pi) / sinc(theta/pi).
-    # torch.sinc(x) = sin(pi x)/(pi x); the denominator is >= 2/pi on this branch.
+    norm = partial(torch.linalg.vector_norm, dim=-1, keepdim=True)
+    a_norm, b_norm = norm(a), norm(b)
+    # Unit-or-zero rows: a unit row cannot underflow to norm 0.
+    a_zero, b_zero = a_norm == 0, b_norm == 0
+    theta = 2.0 * torch.atan2(norm(a - b), norm(a + b))
     near = theta <= math.pi / 2
+
+    # theta <= pi/2: sin(s*theta)/sin(theta) = s * sinc(s*theta/pi) / sinc(theta/pi); the
+    # denominator is >= 2/pi here (theta is zeroed on the far rows so all stay finite).
     theta_near = torch.where(near, theta, torch.zeros_like(theta))
     denom = torch.sinc(theta_near / math.pi)
-    wa = (1 - t) * torch.sinc((1 - t) * theta_near / math.pi) / denom
-    wb = t * torch.sinc(t * theta_near / math.pi) / denom
-    out_near = wa * a + wb * b
-    # Form 2 (theta > pi/2): rotate a towards b by t*theta within their plane.
-    u = _orthogonal_direction(a, b)
-    out_far = torch.cos(t * theta) * a + torch.sin(t * theta) * u
-    out = torch.where(near, out_near, out_far)
-    # Always applied (no data-dependent branch, so no device sync on GPU).
-    a_zero = (a == 0).all(dim=-1, keepdim=True)
-    b_zero = (b == 0).all(dim=-1, keepdim=True)
-    return torch.where(a_zero, b, torch.where(b_zero, a, out))
+    coef_a_near = (1 - t) * torch.sinc((1 - t) * theta_near / math.pi) / denom
+    coef_b_near = t * torch.sinc(t * theta_near / math.pi) / denom
+
+    # theta > pi/2: cos(t theta) a + sin(t theta) u.
+    cos_ab = (a * b).sum(dim=-1, keepdim=True)
+    r_norm = norm(b - cos_ab * a)
+    degenerate = r_norm < 1e-6
+    r_norm = torch.where(degenerate, torch.ones_like(r_norm), r_norm)
+    # Antipodal fallback u = (e_k - a_k a) / ||e_k - a_k a||, k the least aligned axis;
+    # ||e_k - a_k a||^2 = 1 - 2 a_k^2 + a_k^2 ||a||^2 >= 1 - 1/d for a unit row.
+    axis = a.abs().argmin(dim=-1, keepdim=True)
+    a_k = a.gather(-1, axis)
+    e_norm = (1.0 - 2.0 * a_k * a_k + a_k * a_k * a_norm * a_norm).clamp_min(1e-12).sqrt()
+    along = torch.where(degenerate, a_k / e_norm, cos_ab / r_norm)
+    sin_t, cos_t = torch.sin(t * theta), torch.cos(t * theta)
+    coef_a_far = cos_t - sin_t * along
+    coef_b_far = torch.where(degenerate, torch.zeros_like(sin_t), sin_t / r_norm)
+    coef_e_far = torch.where(degenerate, sin_t / e_norm, torch.zeros_like(sin_t))
+
+    coef_a = torch.where(near, coef_a_near, coef_a_far)
+    coef_b = torch.where(near, coef_b_near, coef_b_far)
+    coef_e = torch.where(near, torch.zeros_like(coef_e_far), coef_e_far)
+    # A zero endpoint: stay at the other one (applied without a data-dependent branch, so
+    # there is no device sync on GPU).
+    one, zero = torch.ones_like(coef_a), torch.zeros_like(coef_a)
+    coef_a = torch.where(a_zero, zero, torch.where(b_zero, one, coef_a))
+    coef_b = torch.where(a_zero, one, torch.where(b_zero, zero, coef_b))
+    coef_e = torch.where(a_zero | b_zero, zero, coef_e)
+    return torch.addcmul(coef_a * a, coef_b, b).scatter_add(-1, axis, coef_e)
 
 
 class SphericalBezierFusion(torch.nn.Module):

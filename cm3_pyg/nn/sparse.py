@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from cm3_pyg.typing import WITH_TORCH_SPARSE
 
@@ -125,6 +126,50 @@ class _CSRProduct(torch.autograd.Function):
         return None, None, _csr_mm(ctx.matrix_t, grad)
 
 
+class _CSRLayerSum(torch.autograd.Function):
+    r"""``combine(x, A x, ..., A^L x)`` with a hand-written backward (``combine``: sum, mean
+    or last).
+
+    Autograd through a loop of products keeps one output and one running total per layer
+    and adds gradients into fresh buffers; here the forward accumulates in place and the
+    backward is Horner's rule, :math:`r \leftarrow g + A^\top r` (``L`` products, ``L``
+    in-place adds), with nothing saved but the matrices.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor, num_layers: int, combine: str
+    ) -> Tensor:
+        ctx.matrix_t, ctx.num_layers, ctx.combine = matrix_t, num_layers, combine
+        h = x
+        total = x.clone() if combine != "last" else None
+        for _ in range(num_layers):
+            h = _csr_mm(matrix, h)
+            if total is not None:
+                total.add_(h)
+        if total is None:
+            return h if num_layers > 0 else x.clone()
+        return total.div_(num_layers + 1) if combine == "mean" else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[2]:
+            return None, None, None, None, None
+        grad = grad.contiguous()
+        if ctx.combine == "mean":
+            grad = grad / (ctx.num_layers + 1)
+        if ctx.combine == "last":
+            result = grad
+            for _ in range(ctx.num_layers):
+                result = _csr_mm(ctx.matrix_t, result)
+        else:
+            result = grad.clone()
+            for _ in range(ctx.num_layers):
+                result = _csr_mm(ctx.matrix_t, result).add_(grad)
+        return None, None, result, None, None
+
+
 class SparseAdjacency:
     """A fixed sparse ``[R, C]`` matrix prepared for one kernel; ``adj @ x`` is differentiable.
 
@@ -154,6 +199,7 @@ class SparseAdjacency:
         if symmetric is None:  # known when re-preparing the same entries
             symmetric = self.shape[0] == self.shape[1] and _is_symmetric(row, col, value)
         self.symmetric = symmetric
+        self._csr_pair: tuple[Tensor, Tensor] | None = None
         self._kernel: Callable[[Tensor], Tensor] = self._build()
 
     def _build(self) -> Callable[[Tensor], Tensor]:
@@ -166,6 +212,7 @@ class SparseAdjacency:
                     torch.stack([self.col, self.row]), self.value, self.shape[::-1]
                 )
                 matrix_t = _csr(t_row, t_col, t_value, self.shape[::-1])
+            self._csr_pair = (matrix, matrix_t)
             return lambda x: _CSRProduct.apply(matrix, matrix_t, x)
         if self.backend == "edge_index":
             from torch_geometric import EdgeIndex
@@ -207,6 +254,36 @@ class SparseAdjacency:
         return self._kernel(x)
 
     __matmul__ = matmul
+
+    def propagate(self, x: Tensor, num_layers: int, combine: str = "sum") -> Tensor:
+        r"""``combine(x, A x, ..., A^L x)`` with ``combine`` ``"sum"``, ``"mean"`` or ``"last"``.
+
+        The CSR backend runs all ``L`` products in one autograd node (in-place totals,
+        Horner's rule backward); other backends loop over :meth:`matmul`. Both compute the
+        same values.
+        """
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"propagate needs a square adjacency, got shape {list(self.shape)}")
+        if combine not in ("sum", "mean", "last"):
+            raise ValueError(f"combine must be 'sum', 'mean' or 'last', got {combine!r}")
+        if x.size(0) != self.shape[1]:
+            raise ValueError(
+                f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
+            )
+        if self._csr_pair is not None:
+            matrix, matrix_t = self._csr_pair
+            return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
+        if num_layers == 0:
+            return x.clone()  # as the fused path: never the input itself
+        h = x
+        total = x if combine != "last" else None
+        for _ in range(num_layers):
+            h = self._kernel(h)
+            if total is not None:
+                total = total + h
+        if total is None:
+            return h
+        return total / (num_layers + 1) if combine == "mean" else total
 
     def to(self, target: torch.device | str | torch.dtype) -> SparseAdjacency:
         """A copy on another device (``torch.device``/str) or with another value dtype."""
