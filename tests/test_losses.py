@@ -251,3 +251,44 @@ def test_shape_errors():
         alignment_loss(torch.randn(3, 2), torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"sim must have shape \[3, 3\]"):
         calibrated_uniformity_loss(torch.randn(3, 2), torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("n", [8, 9])
+@pytest.mark.parametrize("blocked", [True, False])
+def test_upper_half_blocks_match_brute_force(monkeypatch, n, blocked):
+    # From BLOCKED_MIN_ROWS rows on, the kernel forms only the upper-half blocks of the
+    # symmetric pairwise matrix; lowered here so small, brute-forceable inputs take that
+    # path (odd and even N give unequal halves).
+    from cm3_pyg.nn import losses
+
+    monkeypatch.setattr(losses, "BLOCKED_MIN_ROWS", 2 if blocked else 10**9)
+    assert len(losses._symmetric_blocks(n)) == (3 if blocked else 1)
+    counts = torch.tensor([2, 1, 3, 1, 1, 2, 1, 1, 4][:n])
+    base_x, base_f = unit(n, 6, 21), torch.randn(n, 5, dtype=torch.float64)
+    base_s = torch.rand(n, n, dtype=torch.float64)
+    base_s = (base_s + base_s.t()) / 2
+
+    x, f, s = (base_x.clone().requires_grad_(), base_f.clone().requires_grad_(), base_s.clone())
+    s.requires_grad_()
+    got = (
+        uniformity_loss(x, 2.0, counts=counts)
+        + calibrated_uniformity_loss(x, ClampedCosineSimilarity(f, 0.0, 0.8), counts=counts)
+        + calibrated_uniformity_loss(x, s, counts=counts)
+    )
+    y, g, r = (base_x.clone().requires_grad_(), base_f.clone().requires_grad_(), base_s.clone())
+    r.requires_grad_()
+    ye, ge = _expanded(y, counts), _expanded(g, counts)
+    gn = ge / ge.norm(dim=-1, keepdim=True)
+    re = r[torch.repeat_interleave(torch.arange(n), counts)][
+        :, torch.repeat_interleave(torch.arange(n), counts)
+    ]
+    expected = (
+        brute_uniformity(ye, 2.0)
+        + brute_calibrated(ye, (gn @ gn.t()).clamp(0.0, 0.8), 2.0)
+        + brute_calibrated(ye, re, 2.0)
+    )
+    torch.testing.assert_close(got, expected)
+    ours = torch.autograd.grad(got, (x, f, s))
+    theirs = torch.autograd.grad(expected, (y, g, r))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)

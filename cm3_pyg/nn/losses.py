@@ -78,6 +78,34 @@ class ClampedCosineSimilarity(NamedTuple):
     max_sim: float | None = None
 
 
+#: Below this many rows the pairwise matrix is formed whole; above it, as the three
+#: blocks of its upper half (a quarter fewer forward FLOPs and element passes).
+BLOCKED_MIN_ROWS = 512
+
+
+def _symmetric_blocks(n: int) -> tuple[tuple[slice, slice], ...]:
+    """Row/column slices covering the upper half of a symmetric ``[n, n]`` matrix."""
+    if n < BLOCKED_MIN_ROWS:
+        return ((slice(0, n), slice(0, n)),)
+    h = (n + 1) // 2
+    first, second = slice(0, h), slice(h, n)
+    return ((first, first), (first, second), (second, second))
+
+
+def _symmetric_matmul(blocks: list[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor):
+    """``M @ y`` for the symmetric ``M`` stored as :func:`_symmetric_blocks` blocks."""
+    if len(blocks) == 1:
+        return blocks[0] @ y
+    (first, _), (_, second), _ = cuts
+    top, off, bottom = blocks
+    return torch.cat(
+        [
+            torch.addmm(top @ y[first], off, y[second]),
+            torch.addmm(bottom @ y[second], off.t(), y[first]),
+        ]
+    )
+
+
 class _PairwiseLogSumExp(torch.autograd.Function):
     r""":math:`\log \sum_{a \ne b} m_a m_b e^{\ell_{ab}} + \sum_a m_a (m_a - 1) e^{\ell_{aa}}`.
 
@@ -85,14 +113,16 @@ class _PairwiseLogSumExp(torch.autograd.Function):
     multiplicities ``m``: the sum over ordered pairs of distinct positions of a batch in
     which row ``a`` occurs ``m_a`` times (a repeated row pairs with itself at distance 0).
 
-    Forward: ONE ``[N, N]`` matrix product of augmented rows gives every
+    Forward: matrix products of augmented rows give every
     :math:`-t\|x_a - x_b\|^2 + \log m_a + \log m_b`
     (:math:`2t\,x_a \cdot x_b - t n_a - t n_b` is the inner product of
     :math:`[\sqrt{2t}\,x_a, -t n_a + \log m_a, 1]` and
     :math:`[\sqrt{2t}\,x_b, 1, -t n_b + \log m_b]`), then a few in-place passes
-    (similarity, diagonal, max, exp, sum).
+    (similarity, diagonal, max, exp, sum). The matrix is symmetric, so from
+    :data:`BLOCKED_MIN_ROWS` rows on only the three blocks of its upper half are formed
+    (the off-diagonal block counts twice).
     Backward: with :math:`P = e^{\ell}/\sum e^{\ell}` (symmetric),
-    :math:`\partial/\partial x_a = -4t\,(\sum_b P_{ab}\,x_a - (P x)_a)`: ONE product
+    :math:`\partial/\partial x_a = -4t\,(\sum_b P_{ab}\,x_a - (P x)_a)`: one product
     :math:`P\,[x, 1]` gives both terms (the diagonal cancels). A clamped-cosine similarity
     adds one product forward and one backward.
     """
@@ -108,61 +138,90 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         max_sim: float | None,
         t: float,
     ) -> Tensor:
+        n = x.size(0)
         sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
         bias = sq_norm.mul(-t)
         if counts is not None:
             bias = bias + counts.log().unsqueeze(-1)
         ones = torch.ones_like(sq_norm)
         scaled = x * math.sqrt(2.0 * t)
-        logits = torch.cat([scaled, bias, ones], dim=-1) @ torch.cat([scaled, ones, bias], -1).t()
-        keep = None
-        if unit_features is not None:
-            sim = unit_features @ unit_features.t()
-            if (min_sim, max_sim) != (None, None):
-                if unit_features.requires_grad:
-                    # torch.clamp's gradient rule: it passes where min <= cos <= max, i.e.
-                    # where the clamp leaves cos unchanged. The in-place comparison turns
-                    # the raw matrix into that 0/1 mask in its own dtype (bool masks are
-                    # several times slower to build and apply on N^2 entries).
-                    raw = sim
-                    sim = raw.clamp(min=min_sim, max=max_sim)
-                    keep = raw.eq_(sim)
-                else:
-                    sim.clamp_(min=min_sim, max=max_sim)
+        left = torch.cat([scaled, bias, ones], dim=-1)
+        right = torch.cat([scaled, ones, bias], dim=-1)
+        cuts = _symmetric_blocks(n)
+        logits = [left[rows] @ right[cols].t() for rows, cols in cuts]
         # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
         if counts is None:
             diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
         else:
             diagonal = torch.log(counts * (counts - 1.0))
-        if sim is not None:
-            logits.sub_(sim, alpha=2.0 * t)
-            diagonal = diagonal - 2.0 * t * sim.diagonal()
-        logits.diagonal().copy_(diagonal)
-        peak = logits.max()
-        weights = logits.sub_(peak).exp_()
-        total = weights.sum()
-        ctx.save_for_backward(x, weights, total, unit_features, keep)
+        keeps: list[Tensor] = []
+        if unit_features is not None or sim is not None:
+            sim_diagonal = []
+            for block, (rows, cols) in zip(logits, cuts, strict=True):
+                if unit_features is None:
+                    part = sim[rows, cols]
+                else:
+                    part = unit_features[rows] @ unit_features[cols].t()
+                    if (min_sim, max_sim) != (None, None):
+                        if unit_features.requires_grad:
+                            # torch.clamp's gradient rule: it passes where min <= cos <= max,
+                            # i.e. where the clamp leaves cos unchanged. The in-place
+                            # comparison turns the raw block into that 0/1 mask in its own
+                            # dtype (bool masks are several times slower on N^2 entries).
+                            raw = part
+                            part = raw.clamp(min=min_sim, max=max_sim)
+                            keeps.append(raw.eq_(part))
+                        else:
+                            part.clamp_(min=min_sim, max=max_sim)
+                block.sub_(part, alpha=2.0 * t)
+                if rows == cols:
+                    sim_diagonal.append(part.diagonal())
+            diagonal = diagonal - 2.0 * t * torch.cat(sim_diagonal)
+        offset = 0
+        for block, (rows, cols) in zip(logits, cuts, strict=True):
+            if rows == cols:
+                size = rows.stop - rows.start
+                block.diagonal().copy_(diagonal[offset : offset + size])
+                offset += size
+        peak = torch.stack([block.max() for block in logits]).max()
+        weights = [block.sub_(peak).exp_() for block in logits]
+        total = sum(
+            block.sum() * (1.0 if rows == cols else 2.0)
+            for block, (rows, cols) in zip(weights, cuts, strict=True)
+        )
+        ctx.cuts = cuts
+        ctx.save_for_backward(x, total, unit_features, *weights, *keeps)
+        ctx.num_blocks = len(weights)
         ctx.t = t
         return peak + total.log()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weights, total, unit_features, keep = ctx.saved_tensors
-        t = ctx.t
+        x, total, unit_features, *rest = ctx.saved_tensors
+        weights, keeps = rest[: ctx.num_blocks], rest[ctx.num_blocks :]
+        cuts, t = ctx.cuts, ctx.t
         scale = grad / total
         grad_x = grad_sim = grad_features = None
         if ctx.needs_input_grad[2]:
-            grad_sim = weights * (scale * -2.0 * t)
+            n = x.size(0)
+            grad_sim = weights[0].new_empty(n, n)
+            for block, (rows, cols) in zip(weights, cuts, strict=True):
+                grad_sim[rows, cols] = block
+                if rows != cols:
+                    grad_sim[cols, rows] = block.t()
+            grad_sim.mul_(scale * -2.0 * t)
         if ctx.needs_input_grad[0]:
             ones = torch.ones_like(x[:, :1])
-            px = weights @ torch.cat([x, ones], dim=-1)
+            px = _symmetric_matmul(list(weights), cuts, torch.cat([x, ones], dim=-1))
             d = x.size(1)
             grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
         if ctx.needs_input_grad[3]:
             # d cos_ab: only where the clamp passed it (as torch.clamp).
-            masked = weights if keep is None else weights * keep
-            grad_features = (masked @ unit_features) * (scale * -4.0 * t)
+            masked = [w * k for w, k in zip(weights, keeps, strict=True)] if keeps else weights
+            grad_features = _symmetric_matmul(list(masked), cuts, unit_features) * (
+                scale * -4.0 * t
+            )
         return grad_x, None, grad_sim, grad_features, None, None, None
 
 

@@ -133,7 +133,8 @@ class _CSRLayerSum(torch.autograd.Function):
     Autograd through a loop of products keeps one output and one running total per layer
     and adds gradients into fresh buffers; here the forward accumulates in place and the
     backward is Horner's rule, :math:`r \leftarrow g + A^\top r` (``L`` products, ``L``
-    in-place adds), with nothing saved but the matrices.
+    in-place adds, no copy of the input or the gradient), with nothing saved but the
+    matrices.
     """
 
     @staticmethod
@@ -141,14 +142,17 @@ class _CSRLayerSum(torch.autograd.Function):
         ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor, num_layers: int, combine: str
     ) -> Tensor:
         ctx.matrix_t, ctx.num_layers, ctx.combine = matrix_t, num_layers, combine
-        h = x
-        total = x.clone() if combine != "last" else None
-        for _ in range(num_layers):
+        if num_layers == 0:
+            return x.clone()
+        h = _csr_mm(matrix, x)
+        # The first sum allocates the total (no separate copy of x); later layers add in place.
+        total = x + h if combine != "last" else None
+        for _ in range(num_layers - 1):
             h = _csr_mm(matrix, h)
             if total is not None:
                 total.add_(h)
         if total is None:
-            return h if num_layers > 0 else x.clone()
+            return h
         return total.div_(num_layers + 1) if combine == "mean" else total
 
     @staticmethod
@@ -159,14 +163,13 @@ class _CSRLayerSum(torch.autograd.Function):
         grad = grad.contiguous()
         if ctx.combine == "mean":
             grad = grad / (ctx.num_layers + 1)
-        if ctx.combine == "last":
-            result = grad
-            for _ in range(ctx.num_layers):
-                result = _csr_mm(ctx.matrix_t, result)
-        else:
-            result = grad.clone()
-            for _ in range(ctx.num_layers):
-                result = _csr_mm(ctx.matrix_t, result).add_(grad)
+        if ctx.num_layers == 0:
+            return None, None, grad.clone(), None, None
+        result = grad  # never written to: every step below allocates a new product first
+        for _ in range(ctx.num_layers):
+            result = _csr_mm(ctx.matrix_t, result)
+            if ctx.combine != "last":
+                result.add_(grad)
         return None, None, result, None, None
 
 
