@@ -31,10 +31,8 @@ import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
-from cm3_pyg.data import MMRecDataset, build_hetero_data, read_mmrec_folder
-from cm3_pyg.data.dataset import _writable_dir
+from cm3_pyg.data import MMRecDataset, build_hetero_data, per_user_split_labels
 from cm3_pyg.data.hetero import ITEM, RATES, SPLIT_ATTRS, USER
-from cm3_pyg.data.synthetic import _split_labels
 
 __all__ = [
     "ELEC_SCALE",
@@ -129,8 +127,7 @@ def amazon_with_generated_features(
     :func:`generated_features` (``image`` ``[I, 4096]`` then ``text`` ``[I, 384]`` from
     ``default_rng(seed)``) with :func:`attach_features`. Nothing is written under
     ``data_root``: the processed cache goes to ``cache_dir`` (or ``MMRecDataset``'s default
-    cache folder) when ``<folder>/processed`` is not writable, and when it is, the folder
-    is read with the same reader and ``build_hetero_data`` but without a cache.
+    cache folder; ``cache_in_folder=False``).
 
     Args:
         data_root: folder holding the MMRec dataset folders.
@@ -145,14 +142,9 @@ def amazon_with_generated_features(
         items, 413 MB for clothing's 23,033), the graph a few MB.
     """
     folder = Path(data_root).expanduser() / name
-    if _writable_dir(folder / "processed"):
-        # MMRecDataset would cache inside the data folder; read the same way without a cache.
-        contents = read_mmrec_folder(folder, name, modalities=[])
-        assert contents is not None  # the default (fail-fast) log raises instead
-        inter = contents.interactions
-        graph = build_hetero_data(inter.users, inter.items, inter.labels)
-    else:
-        graph = MMRecDataset(folder, name=name, modalities=[], cache_dir=cache_dir)[0]
+    graph = MMRecDataset(
+        folder, name=name, modalities=[], cache_dir=cache_dir, cache_in_folder=False
+    )[0]
     features = generated_features(int(graph[ITEM].num_nodes), MMREC_FEATURE_DIMS, seed)
     return attach_features(graph, features)
 
@@ -328,7 +320,7 @@ def scale_interactions(
     # Re-sort by (user, item); users are already grouped, so sort items within users.
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
-    labels = _split_labels(rng, users, counts, split_ratios)
+    labels = per_user_split_labels(rng, users, counts, split_ratios)
     return users, items, labels
 
 

@@ -408,6 +408,20 @@ def test_dataset_read_only_mode_bits_use_cache_dir(small_folder: Path, tmp_path:
         small_folder.chmod(0o755)
 
 
+def test_dataset_never_caches_in_the_folder_when_asked(small_folder: Path, tmp_path: Path) -> None:
+    # The folder is writable, but cache_in_folder=False keeps everything out of it.
+    before = sorted(p.name for p in small_folder.iterdir())
+    ds = MMRecDataset(str(small_folder), cache_dir=str(tmp_path / "cache"), cache_in_folder=False)
+    assert Path(ds.processed_dir) == tmp_path / "cache"
+    assert Path(ds.processed_paths[0]).is_file()
+    assert sorted(p.name for p in small_folder.iterdir()) == before
+    default = MMRecDataset(str(small_folder))
+    assert Path(default.processed_dir) == small_folder / "processed"
+    assert torch.equal(
+        ds[0]["user", "rates", "item"].edge_index, default[0]["user", "rates", "item"].edge_index
+    )
+
+
 def test_dataset_missing_inputs(small_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="dataset folder not found"):
         MMRecDataset(str(tmp_path / "absent"))

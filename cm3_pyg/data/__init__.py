@@ -18,7 +18,12 @@ from cm3_pyg.data.mmrec import (
     read_mmrec_folder,
 )
 from cm3_pyg.data.problems import Problem, ProblemLog
-from cm3_pyg.data.synthetic import make_synthetic, make_synthetic_arrays, write_mmrec_folder
+from cm3_pyg.data.synthetic import (
+    make_synthetic,
+    make_synthetic_arrays,
+    per_user_split_labels,
+    write_mmrec_folder,
+)
 from cm3_pyg.data.transforms import ModalityKNNGraph
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "load_features",
     "make_synthetic",
     "make_synthetic_arrays",
+    "per_user_split_labels",
     "modality_weights",
     "read_interactions",
     "read_mmrec_folder",

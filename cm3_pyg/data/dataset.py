@@ -77,8 +77,11 @@ class MMRecDataset(InMemoryDataset):
         modalities: feature files to use, in fusion order; defaults to every
             ``<m>_feat.npy`` found (``image`` first, then alphabetical).
         cache_dir: folder (used as is) for the processed file when ``<root>/processed``
-            is not writable; when ``None``, ``$CM3_CACHE_DIR/<name>-<hash>`` or
-            ``~/.cache/cm3_pyg/<name>-<hash>`` (hash of the absolute root).
+            is not writable (or ``cache_in_folder`` is false); when ``None``,
+            ``$CM3_CACHE_DIR/<name>-<hash>`` or ``~/.cache/cm3_pyg/<name>-<hash>`` (hash of
+            the absolute root).
+        cache_in_folder: use ``<root>/processed`` when it is writable (PyG's layout);
+            ``False`` never writes under ``root``.
         transform: applied to the HeteroData on every access.
         pre_transform: applied once before caching (its repr is part of the fingerprint).
         force_reload: rebuild the cache even when a valid one exists.
@@ -100,6 +103,7 @@ class MMRecDataset(InMemoryDataset):
         pre_transform: Callable[[HeteroData], HeteroData] | None = None,
         force_reload: bool = False,
         duplicates: str = "warn",
+        cache_in_folder: bool = True,
     ) -> None:
         if duplicates not in DUPLICATE_POLICIES:
             raise ConfigError(
@@ -122,7 +126,7 @@ class MMRecDataset(InMemoryDataset):
             raise DataFormatError(f"modalities: expected distinct names, got {list(modalities)}")
         self.modalities: list[str] = list(modalities)
         self._folder = folder
-        self._processed = self._choose_processed_dir(cache_dir)
+        self._processed = self._choose_processed_dir(cache_dir, cache_in_folder)
         self._fingerprint: str | None = None
         # PyG's __init__ calls download() when inputs are missing, then _process().
         super().__init__(str(folder), transform, pre_transform, force_reload=force_reload)
@@ -147,9 +151,11 @@ class MMRecDataset(InMemoryDataset):
     def processed_file_names(self) -> list[str]:
         return [f"{self.name}_{self.fingerprint[:16]}.pt"]
 
-    def _choose_processed_dir(self, cache_dir: str | os.PathLike[str] | None) -> Path:
+    def _choose_processed_dir(
+        self, cache_dir: str | os.PathLike[str] | None, cache_in_folder: bool
+    ) -> Path:
         local = self._folder / "processed"
-        if _writable_dir(local):
+        if cache_in_folder and _writable_dir(local):
             return local
         if cache_dir is not None:
             return Path(cache_dir).expanduser().resolve()

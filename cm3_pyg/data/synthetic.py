@@ -39,6 +39,7 @@ __all__ = [
     "SyntheticArrays",
     "make_synthetic_arrays",
     "make_synthetic",
+    "per_user_split_labels",
     "write_mmrec_folder",
 ]
 
@@ -98,10 +99,13 @@ def _modality_features(
     return (signal + noise * rng.standard_normal((num_items, dim))).astype(np.float32)
 
 
-def _split_labels(
+def per_user_split_labels(
     rng: np.random.Generator, users: np.ndarray, counts: np.ndarray, ratios: tuple[float, float]
 ) -> np.ndarray:
-    """Random per-user train/valid/test labels for rows grouped by user.
+    """Random per-user train/valid/test labels (0/1/2) for rows grouped by user.
+
+    MMRec's split: each user's rows are shuffled and the first ``1 - valid - test`` of them
+    (rounded per user) train, the next ``valid`` validate, the rest test.
 
     Args:
         users: int64 ``[N]`` user of each row, grouped (all rows of a user contiguous,
@@ -212,7 +216,7 @@ def make_synthetic_arrays(
     keep = np.arange(max_count)[None, :] < counts[:, None]
     users = np.repeat(np.arange(num_users, dtype=np.int64), counts)
     items = chosen[keep]
-    labels = _split_labels(rng, users, counts, split_ratios)
+    labels = per_user_split_labels(rng, users, counts, split_ratios)
     return SyntheticArrays(
         users=users,
         items=items,
