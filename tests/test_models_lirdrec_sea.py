@@ -30,7 +30,6 @@ from tests.model_helpers import (
     as_double,
     build,
     dense_ui_adjacency,
-    trained_embeddings,
 )
 
 NAMES = ["lirdrec", "sea"]
@@ -430,37 +429,6 @@ def test_sea_club_network_is_outside_the_outer_optimizer(data):
 
 
 # --- learning, determinism, complete runs --------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_a_few_optimizer_steps_lower_the_loss(name, data):
-    model, inputs, _ = build(name, data)
-    users, pos, neg = a_batch(data, size=256)
-
-    def eval_loss():
-        model.eval()
-        torch.manual_seed(0)  # SEA's CLUB negatives
-        with torch.no_grad():
-            return float(model.training_loss(inputs, users, pos, neg))
-
-    before = eval_loss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for _ in range(15):
-        loss = model.training_loss(inputs, users, pos, neg)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert eval_loss() < before
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_deterministic_under_a_fixed_seed(name, data):
-    first = trained_embeddings(name, data, seed=5)
-    second = trained_embeddings(name, data, seed=5)
-    other = trained_embeddings(name, data, seed=6)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert not torch.equal(first[1], other[1])
 
 
 @pytest.mark.parametrize("name", NAMES)
