@@ -292,3 +292,35 @@ def test_upper_half_blocks_match_brute_force(monkeypatch, n, blocked):
     theirs = torch.autograd.grad(expected, (y, g, r))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 1024])
+@pytest.mark.parametrize("temperature", [0.2, 1.0, 0.01])
+def test_info_nce_blocks_match_full_logsumexp(block_rows, temperature):
+    from cm3_pyg.nn import info_nce_loss
+
+    g = torch.Generator().manual_seed(3)
+    base_a = F.normalize(torch.randn(50, 6, generator=g, dtype=torch.float64), dim=-1)
+    base_o = F.normalize(torch.randn(50, 6, generator=g, dtype=torch.float64), dim=-1)
+    a, o = base_a.clone().requires_grad_(), base_o.clone().requires_grad_()
+    got = info_nce_loss(a, o, temperature, block_rows=block_rows)
+    b, p = base_a.clone().requires_grad_(), base_o.clone().requires_grad_()
+    logits = b @ p.t() / temperature
+    expected = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    torch.testing.assert_close(got, expected)
+    ours, theirs = torch.autograd.grad(got, (a, o)), torch.autograd.grad(expected, (b, p))
+    for x, y in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_info_nce_validation_and_empty_input():
+    from cm3_pyg.nn import info_nce_loss
+
+    with pytest.raises(ValueError, match="same shape"):
+        info_nce_loss(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce_loss(torch.zeros(3, 2), torch.zeros(3, 2), 0.0)
+    with pytest.raises(ValueError, match="block_rows"):
+        info_nce_loss(torch.zeros(3, 2), torch.zeros(3, 2), block_rows=0)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    assert float(info_nce_loss(empty, empty)) == 0.0

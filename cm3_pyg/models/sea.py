@@ -77,7 +77,13 @@ from torch.nn import (
 )
 
 from cm3_pyg.models.base import GraphInputs, Recommender
-from cm3_pyg.nn import UserItemPropagation, bpr_loss, normalize_rows, propagate_item_graph
+from cm3_pyg.nn import (
+    UserItemPropagation,
+    bpr_loss,
+    info_nce_loss,
+    normalize_rows,
+    propagate_item_graph,
+)
 
 
 def solosim_loss(anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
@@ -86,8 +92,7 @@ def solosim_loss(anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
     :math:`-\frac{1}{N}\sum_i \log \frac{\exp(\cos(a_i, o_i)/\tau)}
     {\sum_j \exp(\cos(a_i, o_j)/\tau)}`; row ``i`` of both is the same item.
     """
-    logits = normalize_rows(anchor) @ normalize_rows(other).t() / temperature
-    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+    return info_nce_loss(normalize_rows(anchor), normalize_rows(other), temperature)
 
 
 class CLUB(torch.nn.Module):

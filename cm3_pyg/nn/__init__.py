@@ -9,6 +9,7 @@ from cm3_pyg.nn.losses import (
     bpr_loss,
     calibrated_uniformity_loss,
     cosine_similarity_matrix,
+    info_nce_loss,
     pairwise_sq_distances,
     uniformity_loss,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "calibrated_uniformity_loss",
     "choose_backend",
     "cosine_similarity_matrix",
+    "info_nce_loss",
     "normalize_rows",
     "pairwise_sq_distances",
     "propagate_item_graph",

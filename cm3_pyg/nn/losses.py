@@ -340,3 +340,86 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     if neg_scores.dim() == pos_scores.dim() + 1:
         pos_scores = pos_scores.unsqueeze(-1)
     return -F.logsigmoid(pos_scores - neg_scores).mean()
+
+
+class _BlockwiseInfoNCE(torch.autograd.Function):
+    r"""Mean over rows of :math:`\log\sum_j e^{\langle a_i, o_j \rangle} - \langle a_i, o_i\rangle`.
+
+    The ``[N, N]`` logits are never held whole: the forward keeps only each row's
+    log-sum-exp, and the backward recomputes the logits ``block_rows`` rows at a time, turns
+    them into softmax weights in place and multiplies them out. Autograd through
+    ``torch.logsumexp`` instead keeps several full ``[N, N]`` buffers and makes
+    about ten passes over them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, other: Tensor, block_rows: int) -> Tensor:
+        n = anchor.size(0)
+        lse = anchor.new_empty(n)
+        for start in range(0, n, block_rows):
+            rows = slice(start, min(start + block_rows, n))
+            lse[rows] = torch.logsumexp(anchor[rows] @ other.t(), dim=1)
+        positive = (anchor * other).sum(dim=1)
+        ctx.save_for_backward(anchor, other, lse)
+        ctx.block_rows = block_rows
+        return (lse - positive).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        anchor, other, lse = ctx.saved_tensors
+        n = anchor.size(0)
+        grad_anchor = torch.empty_like(anchor)
+        grad_other = torch.zeros_like(other)
+        for start in range(0, n, ctx.block_rows):
+            rows = slice(start, min(start + ctx.block_rows, n))
+            weights = (anchor[rows] @ other.t()).sub_(lse[rows].unsqueeze(1)).exp_()
+            grad_anchor[rows] = weights @ other
+            grad_other.addmm_(weights.t(), anchor[rows])
+        scale = grad / n
+        # d/d<a_i, o_i> of the positive term is -1 on the diagonal.
+        grad_anchor = grad_anchor.sub_(other).mul_(scale)
+        grad_other = grad_other.sub_(anchor).mul_(scale)
+        return (
+            grad_anchor if ctx.needs_input_grad[0] else None,
+            grad_other if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+
+def info_nce_loss(
+    anchor: Tensor, other: Tensor, temperature: float = 1.0, block_rows: int = 1024
+) -> Tensor:
+    r"""InfoNCE of ``anchor`` rows against ALL ``other`` rows, positives on the diagonal.
+
+    .. math::
+        -\frac{1}{N}\sum_i \log \frac{\exp(\langle a_i, o_i\rangle / \tau)}
+            {\sum_j \exp(\langle a_i, o_j\rangle / \tau)}
+
+    Inputs are used as given (normalise them first for cosine logits). The ``[N, N]``
+    logits are processed ``block_rows`` rows at a time in forward and backward (the backward
+    recomputes them), so memory is ``O(block_rows * N)`` and each block is touched while it
+    is in cache; the value and gradients are those of
+    ``(torch.logsumexp(a @ o.T / t, 1) - (a * o).sum(1) / t).mean()``.
+
+    Args:
+        anchor: ``[N, k]`` rows.
+        other: ``[N, k]`` rows; row ``i`` is the positive of ``anchor[i]``.
+        temperature: :math:`\tau > 0`.
+        block_rows: rows of the logits formed at once.
+
+    Returns:
+        scalar.
+    """
+    if anchor.shape != other.shape or anchor.dim() != 2:
+        raise ValueError(
+            "info_nce_loss needs two [N, k] tensors of the same shape, got "
+            f"{list(anchor.shape)} and {list(other.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if anchor.size(0) == 0:
+        return (anchor.sum() + other.sum()) * 0.0
+    return _BlockwiseInfoNCE.apply(anchor / temperature, other, int(block_rows))
