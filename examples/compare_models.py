@@ -43,6 +43,35 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _budget(text: str) -> tuple[int | None, dict[str, int]]:
+    """``"2"`` or ``"2,bm3=4,cm3=1"`` (or only ``"bm3=4"``): the default and per-model budgets."""
+    default: int | None = None
+    per_model: dict[str, int] = {}
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        name, sep, value = token.partition("=")
+        try:
+            number = int(value if sep else name)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"budget: expected N or MODEL=N, got {token!r}"
+            ) from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"budget: must be >= 1, got {token!r}")
+        if sep:
+            per_model[name.strip().lower()] = number
+        else:
+            default = number
+    return default, per_model
+
+
+def _describe_budget(default: int | None, per_model: dict[str, int]) -> str:
+    text = "all points" if default is None else str(default)
+    extra = ", ".join(f"{m}: {n}" for m, n in sorted(per_model.items()))
+    return f"{text} ({extra})" if extra else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -57,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seeds", type=_int_list, default=[999, 1000, 1001], help="e.g. 999,1000,1001"
     )
-    parser.add_argument("--budget", type=int, default=None, help="at most N grid points per model")
+    parser.add_argument(
+        "--budget",
+        type=_budget,
+        default=(None, {}),
+        help="at most N grid points per model; per-model values after it, e.g. 1,bm3=4",
+    )
     parser.add_argument(
         "--grid",
         choices=GRID_MODES,
@@ -122,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out,
             dataset_name=name,
             grid_mode=args.grid,
-            budget=args.budget,
+            budget=args.budget[0],
+            model_budgets=args.budget[1],
             epochs=args.epochs,
             overrides=overrides,
             reuse=not args.rerun,
@@ -139,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": ", ".join(models),
         "seeds": ", ".join(map(str, args.seeds)),
         "grid": args.grid,
-        "budget": args.budget if args.budget is not None else "all points",
+        "budget": _describe_budget(*args.budget),
         "epochs": args.epochs if args.epochs is not None else "config default (early stopping)",
     }
     paths = write_results(out, summaries, selected, meta)

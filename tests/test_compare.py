@@ -213,6 +213,52 @@ def test_run_comparison_configs_and_validation_selection_with_a_fake_runner(tiny
         run_comparison(tiny, ["nope"], [1], tmp_path, runner=runner)
 
 
+def test_per_model_budgets_replace_the_default_budget(tiny, tmp_path):
+    seen = []
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        seen.append((name, str(out_dir)))
+        return {
+            "valid": {"recall@20": 0.1},
+            "test": {f"{m}@{k}": 0.1 for m in ("recall", "ndcg") for k in (10, 20)},
+            "epoch_seconds": [0.1],
+            "best_epoch": 1,
+            "stop_reason": "completed",
+            "config": config,
+        }
+
+    run_comparison(
+        tiny,
+        ["bprmf", "lightgcn"],
+        [1],
+        tmp_path,
+        budget=1,
+        model_budgets={"lightgcn": 3},
+        runner=runner,
+    )
+    counts = {m: sum(1 for name, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
+    assert counts == {"bprmf": 1, "lightgcn": 3}
+    with pytest.raises(ConfigError, match="not compared"):
+        run_comparison(tiny, ["bprmf"], [1], tmp_path, model_budgets={"bm3": 2}, runner=runner)
+
+
+def test_budget_argument_parsing():
+    import argparse
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from compare_models import _budget, _describe_budget
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    assert _budget("2") == (2, {})
+    assert _budget("1,bm3=4, CM3=2") == (1, {"bm3": 4, "cm3": 2})
+    assert _budget("bm3=4") == (None, {"bm3": 4})
+    assert _describe_budget(1, {"bm3": 4}) == "1 (bm3: 4)"
+    for bad in ("x", "bm3=0", "bm3=two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="budget"):
+            _budget(bad)
+
+
 def test_end_to_end_two_cheap_models_reuses_finished_runs(tiny, tmp_path):
     kwargs = {"budget": 2, "epochs": 1, "overrides": {"train_batch_size": 1024}}
     records = run_comparison(tiny, ["bprmf", "lightgcn"], [999, 1000], tmp_path, **kwargs)

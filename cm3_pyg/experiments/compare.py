@@ -230,6 +230,7 @@ def run_comparison(
     epochs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     shuffle_seed: int = 0,
+    model_budgets: Mapping[str, int] | None = None,
     reuse: bool = True,
     keep_checkpoints: bool = False,
     progress: bool = False,
@@ -245,6 +246,8 @@ def run_comparison(
         dataset_name: recorded in the runs' ``metrics.json``.
         grid_mode: ``"small"`` or ``"full"`` (see :func:`grid_points`).
         budget: at most this many points per model (the defaults always included).
+        model_budgets: per-model budgets that replace ``budget`` for those models (e.g. a
+            wider grid for one model whose defaults do not transfer to the data).
         epochs: overrides ``epochs`` of every run.
         overrides: further config overrides for every run (grid values take precedence).
         shuffle_seed: seed of the budget's shuffle.
@@ -261,6 +264,9 @@ def run_comparison(
     """
     if not models:
         raise ConfigError("no models to compare")
+    unused = sorted(set(model_budgets or {}) - {m.lower() for m in models})
+    if unused:
+        raise ConfigError(f"budgets given for models that are not compared: {unused}")
     if not seeds:
         raise ConfigError("no seeds given")
     base = dict(overrides or {})
@@ -279,7 +285,8 @@ def run_comparison(
                 f"model {name!r} needs at least {cls.min_modalities} item modalities, "
                 f"the data has {available}"
             )
-        for point in model_points(cls.name, grid_mode, budget, shuffle_seed):
+        model_budget = (model_budgets or {}).get(cls.name, budget)
+        for point in model_points(cls.name, grid_mode, model_budget, shuffle_seed):
             for seed in seeds:
                 run_overrides = {**base, **point, "seed": int(seed)}
                 config = load_config(cls.default_config(), overrides=run_overrides)
