@@ -1,4 +1,4 @@
-"""Small helpers shared by the baseline models (not part of the public API)."""
+"""Small helpers shared by the models (not part of the public API)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def embedding_norm_penalty(*embeddings: Tensor) -> Tensor:
         raise ValueError("embedding_norm_penalty needs at least one tensor")
     total = sum(torch.linalg.vector_norm(e) for e in embeddings)
     return total / embeddings[-1].size(0)
+
+
+def split_users_items(h: Tensor, num_users: int) -> tuple[Tensor, Tensor]:
+    """The user rows and the item rows of a propagated ``[U + I, F]`` node matrix.
+
+    ``split``, not two slices: its backward concatenates the two gradients, where each
+    slice's backward zero-fills a full ``[U + I, F]`` gradient.
+    """
+    user, item = h.split([num_users, h.size(0) - num_users])
+    return user, item
 
 
 def adjacency_backend(adj: Any) -> str:

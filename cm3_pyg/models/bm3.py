@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Linear, ModuleList, Parameter
 
-from cm3_pyg.models._common import FeatureOffsets, embedding_norm_penalty
+from cm3_pyg.models._common import FeatureOffsets, embedding_norm_penalty, split_users_items
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation
 
@@ -144,7 +144,7 @@ class BM3(Recommender):
         """Online ``(user [U, d], item [I, d])`` before the predictor."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
-        user, item = h.split([self.num_users, h.size(0) - self.num_users])
+        user, item = split_users_items(h, self.num_users)
         return user, item + self.item_embedding
 
     def modality_embeddings(self, features: Sequence[Tensor], items: Tensor) -> list[Tensor]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
+from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import (
     ClampedCosineSimilarity,
@@ -193,8 +194,7 @@ class CM3(Recommender):
             dim=-1,
         )
         h = self.propagation(x0, ui_adj)
-        # split, not two slices: its backward concatenates instead of zero-filling twice
-        user_h, item_h = h.split([self.num_users, self.num_items])
+        user_h, item_h = split_users_items(h, self.num_users)
         weights = torch.softmax(self.user_channel_logits, dim=-1).unsqueeze(-1)
         user = (user_h.view(self.num_users, self.num_channels, -1) * weights).flatten(1)
         if item_adj is not None:

@@ -42,6 +42,7 @@ from torch.nn import Linear, ModuleList, Parameter
 from cm3_pyg.models._common import (
     FeatureOffsets,
     adjacency_backend,
+    split_users_items,
     symmetric_bipartite_adjacency,
     user_item_edges,
 )
@@ -201,7 +202,7 @@ class FREEDOM(Recommender):
         """
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
-        user, item = h.split([self.num_users, h.size(0) - self.num_users])
+        user, item = split_users_items(h, self.num_users)
         if item_adj is not None and self.num_mm_layers > 0:
             side = self.item_embedding
             for _ in range(self.num_mm_layers):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from cm3_pyg.models._common import embedding_norm_penalty
+from cm3_pyg.models._common import embedding_norm_penalty, split_users_items
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, bpr_loss
 
@@ -80,8 +80,7 @@ class LightGCN(Recommender):
         """``(user [U, d], item [I, d])`` after propagation over the normalised ``ui_adj``."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
-        user, item = h.split([self.num_users, h.size(0) - self.num_users])
-        return user, item
+        return split_users_items(h, self.num_users)
 
     def loss(
         self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
+from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, bpr_loss, normalize_rows, propagate_item_graph
 
@@ -323,7 +324,7 @@ class LIRDRec(Recommender):
             dim=-1,
         )
         h = self.propagation(x0, ui_adj)
-        user_h, item_h = h.split([self.num_users, h.size(0) - self.num_users])
+        user_h, item_h = split_users_items(h, self.num_users)
         user = self.pwc(list(user_h.split(self.embedding_dim, dim=1)))
         if item_adj is not None:
             item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)

@@ -76,6 +76,7 @@ from torch.nn import (
     Tanh,
 )
 
+from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import GraphInputs, Recommender
 from cm3_pyg.nn import (
     UserItemPropagation,
@@ -357,9 +358,9 @@ class SEA(Recommender):
             generic.append(r[:, :h])
             unique.append(r[:, h:])
             x0 = normalize_rows(torch.cat([self.user_preference[m], self.item_mlps[m](r)], dim=0))
-            out = self.propagation(x0, ui_adj)
-            users.append(out[: self.num_users] * self.user_modality_weights[:, m : m + 1])
-            items.append(out[self.num_users :])
+            user_h, item_h = split_users_items(self.propagation(x0, ui_adj), self.num_users)
+            users.append(user_h * self.user_modality_weights[:, m : m + 1])
+            items.append(item_h)
         item = torch.cat(items, dim=1)
         if item_adj is not None:
             item = propagate_item_graph(item, item_adj, self.num_mm_layers)

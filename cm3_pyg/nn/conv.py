@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 
-from cm3_pyg.nn.sparse import SparseAdjacency, spmm
+from cm3_pyg.nn.sparse import COMBINE_MODES, SparseAdjacency, combine_layers, spmm
 
 
 class UserItemPropagation(MessagePassing):
@@ -40,7 +40,7 @@ class UserItemPropagation(MessagePassing):
         output: ``[N, F]``.
     """
 
-    COMBINE_MODES = ("sum", "mean", "last")
+    COMBINE_MODES = COMBINE_MODES
 
     def __init__(self, num_layers: int, combine: str = "sum") -> None:
         super().__init__(aggr="add")
@@ -58,17 +58,12 @@ class UserItemPropagation(MessagePassing):
         if isinstance(adj_t, SparseAdjacency):
             # PyG's propagate() does not know this type; all layers run as one fused node.
             return adj_t.propagate(x, self.num_layers, self.combine)
-        h = x
-        total = x if self.combine != "last" else None
-        for _ in range(self.num_layers):
-            h = self.propagate(adj_t, x=h, edge_weight=edge_weight)
-            if total is not None:
-                total = total + h
-        if self.combine == "last":
-            return h
-        if self.combine == "mean":
-            return total / (self.num_layers + 1)
-        return total
+        return combine_layers(
+            lambda h: self.propagate(adj_t, x=h, edge_weight=edge_weight),
+            x,
+            self.num_layers,
+            self.combine,
+        )
 
     def message(self, x_j: Tensor, edge_weight: Tensor | None) -> Tensor:
         return x_j if edge_weight is None else x_j * edge_weight.view(-1, 1)

@@ -9,6 +9,7 @@ passed once with their multiplicity.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -92,7 +93,9 @@ def _symmetric_blocks(n: int) -> tuple[tuple[slice, slice], ...]:
     return ((first, first), (first, second), (second, second))
 
 
-def _symmetric_matmul(blocks: list[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor):
+def _symmetric_matmul(
+    blocks: Sequence[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor
+) -> Tensor:
     """``M @ y`` for the symmetric ``M`` stored as :func:`_symmetric_blocks` blocks."""
     if len(blocks) == 1:
         return blocks[0] @ y
@@ -191,7 +194,6 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         )
         ctx.cuts = cuts
         ctx.save_for_backward(x, total, unit_features, *weights, *keeps)
-        ctx.num_blocks = len(weights)
         ctx.t = t
         return peak + total.log()
 
@@ -199,8 +201,8 @@ class _PairwiseLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, total, unit_features, *rest = ctx.saved_tensors
-        weights, keeps = rest[: ctx.num_blocks], rest[ctx.num_blocks :]
         cuts, t = ctx.cuts, ctx.t
+        weights, keeps = rest[: len(cuts)], rest[len(cuts) :]
         scale = grad / total
         grad_x = grad_sim = grad_features = None
         if ctx.needs_input_grad[2]:
@@ -213,15 +215,13 @@ class _PairwiseLogSumExp(torch.autograd.Function):
             grad_sim.mul_(scale * -2.0 * t)
         if ctx.needs_input_grad[0]:
             ones = torch.ones_like(x[:, :1])
-            px = _symmetric_matmul(list(weights), cuts, torch.cat([x, ones], dim=-1))
+            px = _symmetric_matmul(weights, cuts, torch.cat([x, ones], dim=-1))
             d = x.size(1)
             grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
         if ctx.needs_input_grad[3]:
             # d cos_ab: only where the clamp passed it (as torch.clamp).
             masked = [w * k for w, k in zip(weights, keeps, strict=True)] if keeps else weights
-            grad_features = _symmetric_matmul(list(masked), cuts, unit_features) * (
-                scale * -4.0 * t
-            )
+            grad_features = _symmetric_matmul(masked, cuts, unit_features) * (scale * -4.0 * t)
         return grad_x, None, grad_sim, grad_features, None, None, None
 
 

@@ -111,6 +111,31 @@ def _csr_mm(matrix: Tensor, x: Tensor) -> Tensor:
     return torch.sparse.mm(matrix, x)
 
 
+#: How the layers ``x, A x, ..., A^L x`` of a propagation are combined.
+COMBINE_MODES = ("sum", "mean", "last")
+
+
+def combine_layers(
+    step: Callable[[Tensor], Tensor], x: Tensor, num_layers: int, combine: str
+) -> Tensor:
+    """``combine(x, step(x), ..., step^L(x))`` through autograd, one ``step`` per layer.
+
+    The generic path of a layer-combining propagation (``combine`` in
+    :data:`COMBINE_MODES`); never returns ``x`` itself, so callers may modify the result.
+    """
+    if num_layers == 0:
+        return x.clone()
+    h = x
+    total = x if combine != "last" else None
+    for _ in range(num_layers):
+        h = step(h)
+        if total is not None:
+            total = total + h
+    if total is None:
+        return h
+    return total / (num_layers + 1) if combine == "mean" else total
+
+
 class _CSRProduct(torch.autograd.Function):
     """``A @ x`` whose backward is ``A^T @ grad`` with a prebuilt ``A^T``."""
 
@@ -267,8 +292,8 @@ class SparseAdjacency:
         """
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"propagate needs a square adjacency, got shape {list(self.shape)}")
-        if combine not in ("sum", "mean", "last"):
-            raise ValueError(f"combine must be 'sum', 'mean' or 'last', got {combine!r}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
         if x.size(0) != self.shape[1]:
             raise ValueError(
                 f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
@@ -276,17 +301,7 @@ class SparseAdjacency:
         if self._csr_pair is not None:
             matrix, matrix_t = self._csr_pair
             return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
-        if num_layers == 0:
-            return x.clone()  # as the fused path: never the input itself
-        h = x
-        total = x if combine != "last" else None
-        for _ in range(num_layers):
-            h = self._kernel(h)
-            if total is not None:
-                total = total + h
-        if total is None:
-            return h
-        return total / (num_layers + 1) if combine == "mean" else total
+        return combine_layers(self._kernel, x, num_layers, combine)
 
     def to(self, target: torch.device | str | torch.dtype) -> SparseAdjacency:
         """A copy on another device (``torch.device``/str) or with another value dtype."""
