@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cm3_pyg.cli import DATA_ROOT_ENV, load_data
@@ -43,33 +43,46 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _budget(text: str) -> tuple[int | None, dict[str, int]]:
-    """``"2"`` or ``"2,bm3=4,cm3=1"`` (or only ``"bm3=4"``): the default and per-model budgets."""
-    default: int | None = None
-    per_model: dict[str, int] = {}
-    for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        name, sep, value = token.partition("=")
-        try:
-            number = int(value if sep else name)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"budget: expected N or MODEL=N, got {token!r}"
-            ) from None
-        if number < 1:
-            raise argparse.ArgumentTypeError(f"budget: must be >= 1, got {token!r}")
-        if sep:
-            per_model[name.strip().lower()] = number
-        else:
-            default = number
-    return default, per_model
+def _per_model_ints(flag: str) -> Callable[[str], tuple[int | None, dict[str, int]]]:
+    """A parser of ``"2"``, ``"2,bm3=4,cm3=1"`` or ``"bm3=4"``: the default and per-model
+    values of ``flag`` (each at least 1)."""
+
+    def parse(text: str) -> tuple[int | None, dict[str, int]]:
+        default: int | None = None
+        per_model: dict[str, int] = {}
+        for token in (t.strip() for t in text.split(",")):
+            if not token:
+                continue
+            name, sep, value = token.partition("=")
+            try:
+                number = int(value if sep else name)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{flag}: expected N or MODEL=N, got {token!r}"
+                ) from None
+            if number < 1:
+                raise argparse.ArgumentTypeError(f"{flag}: must be >= 1, got {token!r}")
+            if sep:
+                per_model[name.strip().lower()] = number
+            else:
+                default = number
+        return default, per_model
+
+    return parse
+
+
+_budget = _per_model_ints("budget")
+_epochs = _per_model_ints("epochs")
+
+
+def _describe_per_model(default: int | None, per_model: dict[str, int], fallback: str) -> str:
+    text = fallback if default is None else str(default)
+    extra = ", ".join(f"{m}: {n}" for m, n in sorted(per_model.items()))
+    return f"{text} ({extra})" if extra else text
 
 
 def _describe_budget(default: int | None, per_model: dict[str, int]) -> str:
-    text = "all points" if default is None else str(default)
-    extra = ", ".join(f"{m}: {n}" for m, n in sorted(per_model.items()))
-    return f"{text} ({extra})" if extra else text
+    return _describe_per_model(default, per_model, "all points")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="small",
         help="small: one key at a time; full: product",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs of every run")
+    parser.add_argument(
+        "--epochs",
+        type=_epochs,
+        default=(None, {}),
+        help="maximum epochs of every run (default: the configs' own, with early stopping); "
+        "per-model values after it, e.g. 300,sea=120 or only sea=120",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -158,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid_mode=args.grid,
             budget=args.budget[0],
             model_budgets=args.budget[1],
-            epochs=args.epochs,
+            epochs=args.epochs[0],
+            model_epochs=args.epochs[1],
             overrides=overrides,
             reuse=not args.rerun,
             keep_checkpoints=args.keep_checkpoints,
@@ -175,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": ", ".join(map(str, args.seeds)),
         "grid": args.grid,
         "budget": _describe_budget(*args.budget),
-        "epochs": args.epochs if args.epochs is not None else "config default (early stopping)",
+        "epochs": _describe_per_model(*args.epochs, "config default (early stopping)"),
     }
     paths = write_results(out, summaries, selected, meta)
     if plot_results(out / "results.png", selected):

@@ -26,6 +26,8 @@ from cm3_pyg.experiments import (
     summarize,
     write_results,
 )
+from cm3_pyg.models import get_model_class
+from cm3_pyg.training import load_config
 from tests.conftest import REPO
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -242,12 +244,48 @@ def test_per_model_budgets_replace_the_default_budget(tiny, tmp_path):
         run_comparison(tiny, ["bprmf"], [1], tmp_path, model_budgets={"bm3": 2}, runner=runner)
 
 
+def test_per_model_epochs_replace_the_default_epochs(tiny, tmp_path):
+    epochs = {}
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        epochs[name] = config["epochs"]
+        return {"valid": {"recall@20": 0.1}, "stop_reason": "completed", "config": config}
+
+    run_comparison(
+        tiny,
+        ["bprmf", "lightgcn"],
+        [1],
+        tmp_path,
+        budget=1,
+        epochs=7,
+        model_epochs={"lightgcn": 3},
+        runner=runner,
+    )
+    assert epochs == {"bprmf": 7, "lightgcn": 3}
+    # without a global cap the other models keep their configs' epochs
+    run_comparison(
+        tiny,
+        ["bprmf", "lightgcn"],
+        [1],
+        tmp_path / "b",
+        budget=1,
+        model_epochs={"bprmf": 2},
+        runner=runner,
+    )
+    assert epochs == {
+        "bprmf": 2,
+        "lightgcn": load_config(get_model_class("lightgcn").default_config())["epochs"],
+    }
+    with pytest.raises(ConfigError, match="epochs given for models that are not compared"):
+        run_comparison(tiny, ["bprmf"], [1], tmp_path, model_epochs={"sea": 2}, runner=runner)
+
+
 def test_budget_argument_parsing():
     import argparse
 
     sys.path.insert(0, str(REPO / "examples"))
     try:
-        from compare_models import _budget, _describe_budget
+        from compare_models import _budget, _describe_budget, _describe_per_model, _epochs
     finally:
         sys.path.remove(str(REPO / "examples"))
     assert _budget("2") == (2, {})
@@ -257,6 +295,10 @@ def test_budget_argument_parsing():
     for bad in ("x", "bm3=0", "bm3=two"):
         with pytest.raises(argparse.ArgumentTypeError, match="budget"):
             _budget(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="epochs"):
+            _epochs(bad)
+    assert _epochs("300,sea=120") == (300, {"sea": 120})
+    assert _describe_per_model(None, {"sea": 120}, "config default") == "config default (sea: 120)"
 
 
 def test_end_to_end_two_cheap_models_reuses_finished_runs(tiny, tmp_path):

@@ -231,6 +231,7 @@ def run_comparison(
     overrides: Mapping[str, Any] | None = None,
     shuffle_seed: int = 0,
     model_budgets: Mapping[str, int] | None = None,
+    model_epochs: Mapping[str, int] | None = None,
     reuse: bool = True,
     keep_checkpoints: bool = False,
     progress: bool = False,
@@ -249,6 +250,9 @@ def run_comparison(
         model_budgets: per-model budgets that replace ``budget`` for those models (e.g. a
             wider grid for one model whose defaults do not transfer to the data).
         epochs: overrides ``epochs`` of every run.
+        model_epochs: per-model epoch caps that replace ``epochs`` for those models (e.g. a
+            slow model whose full early-stopped run does not fit the compute budget; the
+            results must then say so).
         overrides: further config overrides for every run (grid values take precedence).
         shuffle_seed: seed of the budget's shuffle.
         reuse: keep a run folder's finished ``metrics.json`` when its dataset name and config
@@ -264,9 +268,11 @@ def run_comparison(
     """
     if not models:
         raise ConfigError("no models to compare")
-    unused = sorted(set(model_budgets or {}) - {m.lower() for m in models})
-    if unused:
-        raise ConfigError(f"budgets given for models that are not compared: {unused}")
+    compared = {m.lower() for m in models}
+    for what, given in (("budgets", model_budgets), ("epochs", model_epochs)):
+        unused = sorted(set(given or {}) - compared)
+        if unused:
+            raise ConfigError(f"{what} given for models that are not compared: {unused}")
     if not seeds:
         raise ConfigError("no seeds given")
     base = dict(overrides or {})
@@ -289,6 +295,8 @@ def run_comparison(
         for point in model_points(cls.name, grid_mode, model_budget, shuffle_seed):
             for seed in seeds:
                 run_overrides = {**base, **point, "seed": int(seed)}
+                if cls.name in (model_epochs or {}):
+                    run_overrides["epochs"] = int((model_epochs or {})[cls.name])
                 config = load_config(cls.default_config(), overrides=run_overrides)
                 plan.append((cls.name, point, int(seed), config))
     root = Path(out_dir) / "runs"
