@@ -18,6 +18,7 @@ from cm3_pyg.errors import ConfigError, NonFiniteLossError
 from cm3_pyg.experiments import (
     RunRecord,
     choose_points,
+    coordinate_point,
     grid_points,
     model_points,
     point_slug,
@@ -369,3 +370,49 @@ def test_compare_script_on_synthetic_data(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_coordinate_point_combines_the_best_value_of_each_key():
+    default = {"a": 1, "b": 0.5, "c": "x"}
+    scores = [
+        ({"a": 1, "b": 0.5, "c": "x"}, 0.10),
+        ({"a": 2, "b": 0.5, "c": "x"}, 0.12),  # a=2 beats the default
+        ({"a": 3, "b": 0.5, "c": "x"}, 0.11),
+        ({"a": 1, "b": 0.3, "c": "x"}, 0.09),  # b keeps its default
+        ({"a": 1, "b": 0.5, "c": "y"}, float("nan")),  # failed: never chosen
+        ({"a": 2, "b": 0.3, "c": "y"}, 0.99),  # two keys changed: not a one-key point
+    ]
+    assert coordinate_point(default, scores) == {"a": 2, "b": 0.5, "c": "x"}
+    # a tie keeps the earlier point; a key without any scored one-key point keeps its default
+    tied = [({"a": 1, "b": 0.5, "c": "x"}, 0.1), ({"a": 2, "b": 0.5, "c": "x"}, 0.1)]
+    assert coordinate_point(default, tied) == default
+    assert coordinate_point(default, [({"a": 3, "b": 0.5, "c": "x"}, 0.2)])["a"] == 3
+
+
+def test_coordinate_mode_trains_the_combined_point_with_every_seed(tiny, tmp_path, monkeypatch):
+    trained = []
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        trained.append((config["n_layers"], config["reg_weight"], config["seed"]))
+        # validation rewards 2 layers and reg 0.01 separately; test is made to disagree
+        valid = 0.1 + 0.01 * (config["n_layers"] == 2) + 0.02 * (config["reg_weight"] == 0.01)
+        test = {f"{m}@{k}": 0.5 - valid for m in ("recall", "ndcg") for k in (10, 20)}
+        return {
+            "valid": {"recall@20": valid},
+            "test": test,
+            "stop_reason": "completed",
+            "config": config,
+        }
+
+    grid = {"n_layers": [1, 2], "reg_weight": [0.1, 0.01]}
+    cls = get_model_class("bm3")
+    monkeypatch.setattr(cls, "default_grid", classmethod(lambda c: grid))
+    records = run_comparison(tiny, ["bm3"], [1, 2], tmp_path, grid_mode="coordinate", runner=runner)
+    points = [(r.point["n_layers"], r.point["reg_weight"]) for r in records]
+    default = (cls.default_config()["n_layers"], cls.default_config()["reg_weight"])
+    assert points[:2] == [default, default]  # the small grid first, the defaults first
+    assert points[-2:] == [(2, 0.01), (2, 0.01)]  # then the combination, once per seed
+    assert sorted(seed for n, reg, seed in trained if (n, reg) == (2, 0.01)) == [1, 2]
+    assert len(set(points)) == 4 and len(records) == 8
+    best = select_best(summarize(records))["bm3"]
+    assert best.point == {**best.point, "n_layers": 2, "reg_weight": 0.01}

@@ -45,6 +45,7 @@ __all__ = [
     "PointSummary",
     "RunRecord",
     "choose_points",
+    "coordinate_point",
     "grid_points",
     "model_points",
     "plot_results",
@@ -58,8 +59,10 @@ __all__ = [
 logger = logging.getLogger("cm3_pyg")
 
 #: ``small``: the defaults plus every point that changes ONE key to another listed value;
-#: ``full``: the Cartesian product of the listed values.
-GRID_MODES = ("small", "full")
+#: ``full``: the Cartesian product of the listed values; ``coordinate``: the ``small`` points,
+#: then the point that combines, key by key, the value whose one-key point scored best on
+#: validation (:func:`coordinate_point`), trained with the same seeds.
+GRID_MODES = ("small", "full", "coordinate")
 #: Test metrics reported for the selected points.
 REPORTED_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SELECTION_METRIC = "recall@20"
@@ -80,7 +83,8 @@ def grid_points(
             of every grid key (it need not be one of the listed values).
         grid: ``{key: [values, ...]}`` in a fixed key order.
         mode: ``"small"`` (one key at a time away from the defaults: ``1 + sum(n_k - 1)``
-            points when the defaults are listed) or ``"full"`` (Cartesian product).
+            points when the defaults are listed), ``"coordinate"`` (the same points; the
+            combined point is added after they are scored) or ``"full"`` (Cartesian product).
 
     Returns:
         Distinct points, each ``{key: value}`` over the grid's keys in grid order; the first
@@ -128,6 +132,29 @@ def choose_points(points: Sequence[Params], budget: int | None, seed: int = 0) -
     random.Random(seed).shuffle(rest)
     keep = {0, *rest[: budget - 1]}
     return [dict(points[i]) for i in sorted(keep)]
+
+
+def coordinate_point(default: Mapping[str, Any], scores: Sequence[tuple[Params, float]]) -> Params:
+    """Per key, the value of the best-scoring point that differs from ``default`` in that key
+    only (or is ``default``); keys without such a scored point keep the default value.
+
+    Args:
+        default: the default point (every grid key).
+        scores: ``(point, validation score)`` pairs; NaN scores (failed points) never win,
+            ties keep the earlier point (the default first when it is listed first).
+
+    Returns:
+        The combined point, over the keys of ``default`` in their order. One step of
+        coordinate-wise search: it uses validation scores only, like the final selection.
+    """
+    combined = dict(default)
+    for key in default:
+        best_score = -math.inf
+        for point, score in scores:
+            others_default = all(point.get(k) == v for k, v in default.items() if k != key)
+            if key in point and others_default and not math.isnan(score) and score > best_score:
+                best_score, combined[key] = score, point[key]
+    return combined
 
 
 def model_points(
@@ -279,7 +306,14 @@ def run_comparison(
     if epochs is not None:
         base["epochs"] = int(epochs)
     available = base.get("modalities") or list(getattr(data, "modalities", None) or [])
+
     # Every configuration is built (and validated) before anything trains.
+    def make_config(name: str, point: Params, seed: int) -> dict[str, Any]:
+        run_overrides = {**base, **point, "seed": int(seed)}
+        if name in (model_epochs or {}):
+            run_overrides["epochs"] = int((model_epochs or {})[name])
+        return load_config(get_model_class(name).default_config(), overrides=run_overrides)
+
     plan: list[tuple[str, Params, int, dict[str, Any]]] = []
     for name in models:
         try:
@@ -294,20 +328,15 @@ def run_comparison(
         model_budget = (model_budgets or {}).get(cls.name, budget)
         for point in model_points(cls.name, grid_mode, model_budget, shuffle_seed):
             for seed in seeds:
-                run_overrides = {**base, **point, "seed": int(seed)}
-                if cls.name in (model_epochs or {}):
-                    run_overrides["epochs"] = int((model_epochs or {})[cls.name])
-                config = load_config(cls.default_config(), overrides=run_overrides)
-                plan.append((cls.name, point, int(seed), config))
+                plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
     root = Path(out_dir) / "runs"
-    records: list[RunRecord] = []
-    for name, point, seed, config in plan:
+
+    def train(name: str, point: Params, seed: int, config: dict[str, Any]) -> RunRecord:
         path = root / name / point_slug(point) / f"seed{seed}"
         saved = _reusable(path, config, dataset_name) if reuse else None
         if saved is not None:
             logger.info("%s %s seed %d: reusing %s", name, describe_point(point), seed, path)
-            records.append(_record(name, point, seed, saved, path))
-            continue
+            return _record(name, point, seed, saved, path)
         logger.info("%s %s seed %d: training", name, describe_point(point), seed)
         try:
             metrics = runner(
@@ -325,7 +354,20 @@ def run_comparison(
             file = path / "metrics.json"
             metrics = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
             metrics["stop_reason"] = "non_finite_loss"
-        records.append(_record(name, point, seed, metrics, path))
+        return _record(name, point, seed, metrics, path)
+
+    records = [train(*entry) for entry in plan]
+    if grid_mode == "coordinate":
+        # after every small-grid run: validation scores only decide the combined point
+        for name in dict.fromkeys(entry[0] for entry in plan):
+            own = [r for r in records if r.model == name]
+            scored = [(summary.point, summary.valid_mean) for summary in summarize(own)]
+            combined = coordinate_point(own[0].point, scored)  # own[0]: the default point
+            if any(point == combined for point, _ in scored):
+                continue
+            logger.info("%s: coordinate point %s", name, describe_point(combined))
+            for seed in seeds:
+                records.append(train(name, combined, int(seed), make_config(name, combined, seed)))
     return records
 
 
