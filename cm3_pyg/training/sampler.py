@@ -62,6 +62,11 @@ class NegativeSampler:
 def epoch_batches(
     num_rows: int, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[Tensor]:
-    """Row indices of one shuffled epoch, in batches of ``batch_size`` (the last may be smaller)."""
-    perm = torch.randperm(num_rows, generator=generator)
+    """Row indices of one shuffled epoch, in batches of ``batch_size`` (the last may be smaller).
+
+    The permutation is drawn on the generator's device (a CUDA generator cannot drive a
+    CPU ``randperm``), so the batches need no host-to-device copy.
+    """
+    device = generator.device if generator is not None else None
+    perm = torch.randperm(num_rows, generator=generator, device=device)
     yield from perm.split(batch_size)
