@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import LeakyReLU, Linear, Sequential
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,3 +49,13 @@ def test_kernel_rows_and_markdown():
         }
     )
     assert "| tiny | 5 | 64 |" in text
+
+
+def test_sea_club_benchmark_sides_follow_the_same_trajectory():
+    from benchmarks.sea_club import run
+
+    out = run(rows=40, dim=4, pairs=2, steps=4, repeats=2)
+    # both sides start from the same weights and take the same Adam steps on the same loss
+    assert math.isclose(out["ours_final_nll"], out["plain_final_nll"], rel_tol=1e-5)
+    assert out["ours_s"] > 0 and out["plain_s"] > 0
+    assert math.isclose(out["ratio"], out["ours_s"] / out["plain_s"])
