@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cm3_pyg.cli import DATA_ROOT_ENV, load_data
@@ -71,11 +71,34 @@ def _per_model_ints(flag: str) -> Callable[[str], tuple[int | None, dict[str, in
     return parse
 
 
+def _grid(text: str) -> tuple[str | None, dict[str, str]]:
+    """``"small"``, ``"coordinate,bm3=full"`` or ``"bm3=full"``: the default and per-model
+    grid modes."""
+    default: str | None = None
+    per_model: dict[str, str] = {}
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        name, sep, value = token.partition("=")
+        mode = (value if sep else name).strip().lower()
+        if mode not in GRID_MODES:
+            raise argparse.ArgumentTypeError(
+                f"grid: expected MODE or MODEL=MODE with MODE one of {GRID_MODES}, got {token!r}"
+            )
+        if sep:
+            per_model[name.strip().lower()] = mode
+        else:
+            default = mode
+    return default, per_model
+
+
 _budget = _per_model_ints("budget")
 _epochs = _per_model_ints("epochs")
 
 
-def _describe_per_model(default: int | None, per_model: dict[str, int], fallback: str) -> str:
+def _describe_per_model(
+    default: object | None, per_model: Mapping[str, object], fallback: str
+) -> str:
     text = fallback if default is None else str(default)
     extra = ", ".join(f"{m}: {n}" for m, n in sorted(per_model.items()))
     return f"{text} ({extra})" if extra else text
@@ -107,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grid",
-        choices=GRID_MODES,
-        default="small",
-        help="small: one key at a time; full: product",
+        type=_grid,
+        default=("small", {}),
+        help="small: one key at a time; full: product; coordinate: small, then each key's "
+        "best value combined; per-model values after it, e.g. coordinate,bm3=full",
     )
     parser.add_argument(
         "--epochs",
@@ -174,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seeds,
             out,
             dataset_name=name,
-            grid_mode=args.grid,
+            grid_mode=args.grid[0] or "small",
+            model_grid_modes=args.grid[1],
             budget=args.budget[0],
             model_budgets=args.budget[1],
             epochs=args.epochs[0],
@@ -193,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset": name,
         "models": ", ".join(models),
         "seeds": ", ".join(map(str, args.seeds)),
-        "grid": args.grid,
+        "grid": _describe_per_model(args.grid[0], args.grid[1], "small"),
         "budget": _describe_budget(*args.budget),
         "epochs": _describe_per_model(*args.epochs, "config default (early stopping)"),
     }

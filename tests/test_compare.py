@@ -286,7 +286,7 @@ def test_budget_argument_parsing():
 
     sys.path.insert(0, str(REPO / "examples"))
     try:
-        from compare_models import _budget, _describe_budget, _describe_per_model, _epochs
+        from compare_models import _budget, _describe_budget, _describe_per_model, _epochs, _grid
     finally:
         sys.path.remove(str(REPO / "examples"))
     assert _budget("2") == (2, {})
@@ -299,6 +299,11 @@ def test_budget_argument_parsing():
         with pytest.raises(argparse.ArgumentTypeError, match="epochs"):
             _epochs(bad)
     assert _epochs("300,sea=120") == (300, {"sea": 120})
+    assert _grid("coordinate, BM3=full") == ("coordinate", {"bm3": "full"})
+    assert _grid("bm3=small") == (None, {"bm3": "small"})
+    for bad in ("nope", "bm3=wide"):
+        with pytest.raises(argparse.ArgumentTypeError, match="grid"):
+            _grid(bad)
     assert _describe_per_model(None, {"sea": 120}, "config default") == "config default (sea: 120)"
 
 
@@ -416,3 +421,31 @@ def test_coordinate_mode_trains_the_combined_point_with_every_seed(tiny, tmp_pat
     assert len(set(points)) == 4 and len(records) == 8
     best = select_best(summarize(records))["bm3"]
     assert best.point == {**best.point, "n_layers": 2, "reg_weight": 0.01}
+
+
+def test_per_model_grid_modes_replace_the_default_mode(tiny, tmp_path):
+    seen = []
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        seen.append((name, config["seed"]))
+        return {"valid": {"recall@20": 0.1}, "stop_reason": "completed", "config": config}
+
+    run_comparison(
+        tiny,
+        ["bprmf", "lightgcn"],
+        [1],
+        tmp_path,
+        grid_mode="small",
+        model_grid_modes={"lightgcn": "full"},
+        runner=runner,
+    )
+    counts = {m: sum(1 for name, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
+    assert counts == {
+        "bprmf": len(model_points("bprmf", "small")),
+        "lightgcn": len(model_points("lightgcn", "full")),
+    }
+    assert len(model_points("lightgcn", "full")) > len(model_points("lightgcn", "small"))
+    with pytest.raises(ConfigError, match="grid modes given for models that are not compared"):
+        run_comparison(tiny, ["bprmf"], [1], tmp_path, model_grid_modes={"sea": "full"})
+    with pytest.raises(ConfigError, match="grid mode must be one of"):
+        run_comparison(tiny, ["bprmf"], [1], tmp_path, model_grid_modes={"bprmf": "wide"})

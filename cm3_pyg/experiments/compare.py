@@ -259,6 +259,7 @@ def run_comparison(
     shuffle_seed: int = 0,
     model_budgets: Mapping[str, int] | None = None,
     model_epochs: Mapping[str, int] | None = None,
+    model_grid_modes: Mapping[str, str] | None = None,
     reuse: bool = True,
     keep_checkpoints: bool = False,
     progress: bool = False,
@@ -272,11 +273,13 @@ def run_comparison(
         seeds: one run per seed at every point.
         out_dir: each run writes ``out_dir/runs/<model>/<point>/seed<s>/``.
         dataset_name: recorded in the runs' ``metrics.json``.
-        grid_mode: ``"small"`` or ``"full"`` (see :func:`grid_points`).
+        grid_mode: ``"small"``, ``"full"`` or ``"coordinate"`` (see :data:`GRID_MODES`).
         budget: at most this many points per model (the defaults always included).
         model_budgets: per-model budgets that replace ``budget`` for those models (e.g. a
             wider grid for one model whose defaults do not transfer to the data).
         epochs: overrides ``epochs`` of every run.
+        model_grid_modes: per-model grid modes that replace ``grid_mode`` for those models
+            (e.g. the full product for one model whose small grid is inconclusive).
         model_epochs: per-model epoch caps that replace ``epochs`` for those models (e.g. a
             slow model whose full early-stopped run does not fit the compute budget; the
             results must then say so).
@@ -296,7 +299,12 @@ def run_comparison(
     if not models:
         raise ConfigError("no models to compare")
     compared = {m.lower() for m in models}
-    for what, given in (("budgets", model_budgets), ("epochs", model_epochs)):
+    given_per_model = (
+        ("budgets", model_budgets),
+        ("epochs", model_epochs),
+        ("grid modes", model_grid_modes),
+    )
+    for what, given in given_per_model:
         unused = sorted(set(given or {}) - compared)
         if unused:
             raise ConfigError(f"{what} given for models that are not compared: {unused}")
@@ -326,7 +334,8 @@ def run_comparison(
                 f"the data has {available}"
             )
         model_budget = (model_budgets or {}).get(cls.name, budget)
-        for point in model_points(cls.name, grid_mode, model_budget, shuffle_seed):
+        mode = (model_grid_modes or {}).get(cls.name, grid_mode)
+        for point in model_points(cls.name, mode, model_budget, shuffle_seed):
             for seed in seeds:
                 plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
     root = Path(out_dir) / "runs"
@@ -357,17 +366,18 @@ def run_comparison(
         return _record(name, point, seed, metrics, path)
 
     records = [train(*entry) for entry in plan]
-    if grid_mode == "coordinate":
-        # after every small-grid run: validation scores only decide the combined point
-        for name in dict.fromkeys(entry[0] for entry in plan):
-            own = [r for r in records if r.model == name]
-            scored = [(summary.point, summary.valid_mean) for summary in summarize(own)]
-            combined = coordinate_point(own[0].point, scored)  # own[0]: the default point
-            if any(point == combined for point, _ in scored):
-                continue
-            logger.info("%s: coordinate point %s", name, describe_point(combined))
-            for seed in seeds:
-                records.append(train(name, combined, int(seed), make_config(name, combined, seed)))
+    # after every small-grid run: validation scores only decide the combined point
+    for name in dict.fromkeys(entry[0] for entry in plan):
+        if (model_grid_modes or {}).get(name, grid_mode) != "coordinate":
+            continue
+        own = [r for r in records if r.model == name]
+        scored = [(summary.point, summary.valid_mean) for summary in summarize(own)]
+        combined = coordinate_point(own[0].point, scored)  # own[0]: the default point
+        if any(point == combined for point, _ in scored):
+            continue
+        logger.info("%s: coordinate point %s", name, describe_point(combined))
+        for seed in seeds:
+            records.append(train(name, combined, int(seed), make_config(name, combined, seed)))
     return records
 
 
