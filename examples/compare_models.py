@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cm3_pyg.cli import DATA_ROOT_ENV, load_data
 from cm3_pyg.errors import CM3Error
@@ -33,6 +34,8 @@ from cm3_pyg.models import MODELS
 from cm3_pyg.training import parse_overrides, training_defaults
 from cm3_pyg.training.memory import retain_freed_memory
 
+T = TypeVar("T")
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -43,57 +46,52 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _per_model_ints(flag: str) -> Callable[[str], tuple[int | None, dict[str, int]]]:
-    """A parser of ``"2"``, ``"2,bm3=4,cm3=1"`` or ``"bm3=4"``: the default and per-model
-    values of ``flag`` (each at least 1)."""
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError("expected N or MODEL=N") from None
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
 
-    def parse(text: str) -> tuple[int | None, dict[str, int]]:
-        default: int | None = None
-        per_model: dict[str, int] = {}
+
+def _grid_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in GRID_MODES:
+        raise ValueError(f"expected MODE or MODEL=MODE with MODE one of {GRID_MODES}")
+    return mode
+
+
+def _per_model(
+    flag: str, convert: Callable[[str], T]
+) -> Callable[[str], tuple[T | None, dict[str, T]]]:
+    """A parser of ``"V"``, ``"V,bm3=W,cm3=X"`` or ``"bm3=W"`` for ``flag``: the default and
+    per-model values, each passed through ``convert`` (which raises ``ValueError``)."""
+
+    def parse(text: str) -> tuple[T | None, dict[str, T]]:
+        default: T | None = None
+        per_model: dict[str, T] = {}
         for token in (t.strip() for t in text.split(",")):
             if not token:
                 continue
             name, sep, value = token.partition("=")
             try:
-                number = int(value if sep else name)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"{flag}: expected N or MODEL=N, got {token!r}"
-                ) from None
-            if number < 1:
-                raise argparse.ArgumentTypeError(f"{flag}: must be >= 1, got {token!r}")
+                converted = convert(value if sep else name)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{flag}: {exc}, got {token!r}") from None
             if sep:
-                per_model[name.strip().lower()] = number
+                per_model[name.strip().lower()] = converted
             else:
-                default = number
+                default = converted
         return default, per_model
 
     return parse
 
 
-def _grid(text: str) -> tuple[str | None, dict[str, str]]:
-    """``"small"``, ``"coordinate,bm3=full"`` or ``"bm3=full"``: the default and per-model
-    grid modes."""
-    default: str | None = None
-    per_model: dict[str, str] = {}
-    for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        name, sep, value = token.partition("=")
-        mode = (value if sep else name).strip().lower()
-        if mode not in GRID_MODES:
-            raise argparse.ArgumentTypeError(
-                f"grid: expected MODE or MODEL=MODE with MODE one of {GRID_MODES}, got {token!r}"
-            )
-        if sep:
-            per_model[name.strip().lower()] = mode
-        else:
-            default = mode
-    return default, per_model
-
-
-_budget = _per_model_ints("budget")
-_epochs = _per_model_ints("epochs")
+_budget = _per_model("budget", _positive_int)
+_epochs = _per_model("epochs", _positive_int)
+_grid = _per_model("grid", _grid_mode)
 
 
 def _describe_per_model(

@@ -39,6 +39,34 @@ def tiny():
     return make_synthetic(num_users=100, num_items=70, modality_dims={"image": 6}, seed=1)
 
 
+def recording_runner(
+    calls,
+    valid=lambda config: 0.1,
+    test=lambda config, valid: valid,
+    diverges=lambda config: False,
+):
+    """A stand-in for run_experiment that appends ``(model, config, out_dir)`` to ``calls``
+    and returns metrics whose validation and test Recall/NDCG come from ``valid``/``test``;
+    a run for which ``diverges(config)`` holds raises NonFiniteLossError instead."""
+
+    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
+        calls.append((name, config, str(out_dir)))
+        if diverges(config):
+            raise NonFiniteLossError(1, 1, 1, float("nan"))
+        score = valid(config)
+        value = test(config, score)
+        return {
+            "valid": {"recall@20": score},
+            "test": {f"{m}@{k}": value for m in ("recall", "ndcg") for k in (10, 20)},
+            "epoch_seconds": [0.1],
+            "best_epoch": 1,
+            "stop_reason": "completed",
+            "config": config,
+        }
+
+    return runner
+
+
 # --- grids and budget ---------------------------------------------------------------------------
 
 
@@ -183,29 +211,20 @@ def test_run_comparison_configs_and_validation_selection_with_a_fake_runner(tiny
     seen = []
     # validation prefers reg_weight=2.0, test prefers the default 0.001
     scores = {2.0: (0.4, 0.1), 0.001: (0.2, 0.9)}
-
-    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
-        seen.append((name, config["reg_weight"], config["seed"], config["epochs"], str(out_dir)))
-        if config["reg_weight"] == 1.0:  # a diverging point: never selected
-            raise NonFiniteLossError(1, 1, 1, float("nan"))
-        valid, test = scores.get(config["reg_weight"], (0.0, 0.0))
-        metrics = {
-            "valid": {"recall@20": valid},
-            "test": {f"{m}@{k}": test for m in ("recall", "ndcg") for k in (10, 20)},
-            "epoch_seconds": [0.5],
-            "best_epoch": 1,
-            "stop_reason": "completed",
-            "config": config,
-        }
-        return metrics
+    runner = recording_runner(
+        seen,
+        valid=lambda c: scores.get(c["reg_weight"], (0.0, 0.0))[0],
+        test=lambda c, valid: scores.get(c["reg_weight"], (0.0, 0.0))[1],
+        diverges=lambda c: c["reg_weight"] == 1.0,  # a diverging point: never selected
+    )
 
     records = run_comparison(
         tiny, ["bprmf"], [5, 6], tmp_path, budget=None, epochs=3, runner=runner
     )
     points = model_points("bprmf", "small")
     assert len(records) == 2 * len(points) == len(seen)
-    assert {(s[2], s[3]) for s in seen} == {(5, 3), (6, 3)}
-    assert seen[0][4] == str(tmp_path / "runs" / "bprmf" / "reg_weight=0.001" / "seed5")
+    assert {(config["seed"], config["epochs"]) for _, config, _ in seen} == {(5, 3), (6, 3)}
+    assert seen[0][2] == str(tmp_path / "runs" / "bprmf" / "reg_weight=0.001" / "seed5")
     summaries = summarize(records)
     assert [s.failed for s in summaries if s.point == {"reg_weight": 1.0}] == [2]
     best = select_best(summaries)["bprmf"]
@@ -218,17 +237,7 @@ def test_run_comparison_configs_and_validation_selection_with_a_fake_runner(tiny
 
 def test_per_model_budgets_replace_the_default_budget(tiny, tmp_path):
     seen = []
-
-    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
-        seen.append((name, str(out_dir)))
-        return {
-            "valid": {"recall@20": 0.1},
-            "test": {f"{m}@{k}": 0.1 for m in ("recall", "ndcg") for k in (10, 20)},
-            "epoch_seconds": [0.1],
-            "best_epoch": 1,
-            "stop_reason": "completed",
-            "config": config,
-        }
+    runner = recording_runner(seen)
 
     run_comparison(
         tiny,
@@ -239,18 +248,15 @@ def test_per_model_budgets_replace_the_default_budget(tiny, tmp_path):
         model_budgets={"lightgcn": 3},
         runner=runner,
     )
-    counts = {m: sum(1 for name, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
+    counts = {m: sum(1 for name, _, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
     assert counts == {"bprmf": 1, "lightgcn": 3}
     with pytest.raises(ConfigError, match="not compared"):
         run_comparison(tiny, ["bprmf"], [1], tmp_path, model_budgets={"bm3": 2}, runner=runner)
 
 
 def test_per_model_epochs_replace_the_default_epochs(tiny, tmp_path):
-    epochs = {}
-
-    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
-        epochs[name] = config["epochs"]
-        return {"valid": {"recall@20": 0.1}, "stop_reason": "completed", "config": config}
+    calls = []
+    runner = recording_runner(calls)
 
     run_comparison(
         tiny,
@@ -262,7 +268,7 @@ def test_per_model_epochs_replace_the_default_epochs(tiny, tmp_path):
         model_epochs={"lightgcn": 3},
         runner=runner,
     )
-    assert epochs == {"bprmf": 7, "lightgcn": 3}
+    assert {name: config["epochs"] for name, config, _ in calls} == {"bprmf": 7, "lightgcn": 3}
     # without a global cap the other models keep their configs' epochs
     run_comparison(
         tiny,
@@ -273,7 +279,7 @@ def test_per_model_epochs_replace_the_default_epochs(tiny, tmp_path):
         model_epochs={"bprmf": 2},
         runner=runner,
     )
-    assert epochs == {
+    assert {name: config["epochs"] for name, config, _ in calls[2:]} == {
         "bprmf": 2,
         "lightgcn": load_config(get_model_class("lightgcn").default_config())["epochs"],
     }
@@ -395,19 +401,13 @@ def test_coordinate_point_combines_the_best_value_of_each_key():
 
 
 def test_coordinate_mode_trains_the_combined_point_with_every_seed(tiny, tmp_path, monkeypatch):
-    trained = []
-
-    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
-        trained.append((config["n_layers"], config["reg_weight"], config["seed"]))
-        # validation rewards 2 layers and reg 0.01 separately; test is made to disagree
-        valid = 0.1 + 0.01 * (config["n_layers"] == 2) + 0.02 * (config["reg_weight"] == 0.01)
-        test = {f"{m}@{k}": 0.5 - valid for m in ("recall", "ndcg") for k in (10, 20)}
-        return {
-            "valid": {"recall@20": valid},
-            "test": test,
-            "stop_reason": "completed",
-            "config": config,
-        }
+    calls = []
+    # validation rewards 2 layers and reg 0.01 separately; test is made to disagree
+    runner = recording_runner(
+        calls,
+        valid=lambda c: 0.1 + 0.01 * (c["n_layers"] == 2) + 0.02 * (c["reg_weight"] == 0.01),
+        test=lambda c, valid: 0.5 - valid,
+    )
 
     grid = {"n_layers": [1, 2], "reg_weight": [0.1, 0.01]}
     cls = get_model_class("bm3")
@@ -417,7 +417,8 @@ def test_coordinate_mode_trains_the_combined_point_with_every_seed(tiny, tmp_pat
     default = (cls.default_config()["n_layers"], cls.default_config()["reg_weight"])
     assert points[:2] == [default, default]  # the small grid first, the defaults first
     assert points[-2:] == [(2, 0.01), (2, 0.01)]  # then the combination, once per seed
-    assert sorted(seed for n, reg, seed in trained if (n, reg) == (2, 0.01)) == [1, 2]
+    combined = [c["seed"] for _, c, _ in calls if (c["n_layers"], c["reg_weight"]) == (2, 0.01)]
+    assert sorted(combined) == [1, 2]
     assert len(set(points)) == 4 and len(records) == 8
     best = select_best(summarize(records))["bm3"]
     assert best.point == {**best.point, "n_layers": 2, "reg_weight": 0.01}
@@ -425,11 +426,7 @@ def test_coordinate_mode_trains_the_combined_point_with_every_seed(tiny, tmp_pat
 
 def test_per_model_grid_modes_replace_the_default_mode(tiny, tmp_path):
     seen = []
-
-    def runner(data, name, config, out_dir, dataset_name, progress, checkpoint):
-        seen.append((name, config["seed"]))
-        return {"valid": {"recall@20": 0.1}, "stop_reason": "completed", "config": config}
-
+    runner = recording_runner(seen)
     run_comparison(
         tiny,
         ["bprmf", "lightgcn"],
@@ -439,7 +436,7 @@ def test_per_model_grid_modes_replace_the_default_mode(tiny, tmp_path):
         model_grid_modes={"lightgcn": "full"},
         runner=runner,
     )
-    counts = {m: sum(1 for name, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
+    counts = {m: sum(1 for name, _, _ in seen if name == m) for m in ("bprmf", "lightgcn")}
     assert counts == {
         "bprmf": len(model_points("bprmf", "small")),
         "lightgcn": len(model_points("lightgcn", "full")),

@@ -299,13 +299,11 @@ def run_comparison(
     if not models:
         raise ConfigError("no models to compare")
     compared = {m.lower() for m in models}
-    given_per_model = (
-        ("budgets", model_budgets),
-        ("epochs", model_epochs),
-        ("grid modes", model_grid_modes),
+    budgets, epoch_caps, grid_modes = (
+        dict(given or {}) for given in (model_budgets, model_epochs, model_grid_modes)
     )
-    for what, given in given_per_model:
-        unused = sorted(set(given or {}) - compared)
+    for what, given in (("budgets", budgets), ("epochs", epoch_caps), ("grid modes", grid_modes)):
+        unused = sorted(set(given) - compared)
         if unused:
             raise ConfigError(f"{what} given for models that are not compared: {unused}")
     if not seeds:
@@ -318,8 +316,8 @@ def run_comparison(
     # Every configuration is built (and validated) before anything trains.
     def make_config(name: str, point: Params, seed: int) -> dict[str, Any]:
         run_overrides = {**base, **point, "seed": int(seed)}
-        if name in (model_epochs or {}):
-            run_overrides["epochs"] = int((model_epochs or {})[name])
+        if name in epoch_caps:
+            run_overrides["epochs"] = int(epoch_caps[name])
         return load_config(get_model_class(name).default_config(), overrides=run_overrides)
 
     plan: list[tuple[str, Params, int, dict[str, Any]]] = []
@@ -333,8 +331,8 @@ def run_comparison(
                 f"model {name!r} needs at least {cls.min_modalities} item modalities, "
                 f"the data has {available}"
             )
-        model_budget = (model_budgets or {}).get(cls.name, budget)
-        mode = (model_grid_modes or {}).get(cls.name, grid_mode)
+        model_budget = budgets.get(cls.name, budget)
+        mode = grid_modes.get(cls.name, grid_mode)
         for point in model_points(cls.name, mode, model_budget, shuffle_seed):
             for seed in seeds:
                 plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
@@ -368,7 +366,7 @@ def run_comparison(
     records = [train(*entry) for entry in plan]
     # after every small-grid run: validation scores only decide the combined point
     for name in dict.fromkeys(entry[0] for entry in plan):
-        if (model_grid_modes or {}).get(name, grid_mode) != "coordinate":
+        if grid_modes.get(name, grid_mode) != "coordinate":
             continue
         own = [r for r in records if r.model == name]
         scored = [(summary.point, summary.valid_mean) for summary in summarize(own)]

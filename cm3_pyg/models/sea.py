@@ -116,15 +116,20 @@ class _GaussianNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         scaled, squared, row_weight = ctx.saved_tensors
+        need_mu, need_logvar, need_y, _ = ctx.needs_input_grad
         weight = (row_weight * grad).unsqueeze(1)
-        grad_mu = scaled * weight if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
+        grad_diff = scaled * weight if need_mu or need_y else None  # d loss / d (mu - y)
         grad_logvar = None
-        if ctx.needs_input_grad[1]:
+        if need_logvar:
             grad_logvar = torch.sub(1.0, squared).mul_(weight).mul_(0.5)
-        grad_y = -grad_mu if ctx.needs_input_grad[2] and grad_mu is not None else None
-        if not ctx.needs_input_grad[0]:
-            grad_mu = None
+        grad_y = -grad_diff if need_y and grad_diff is not None else None
+        grad_mu = grad_diff if need_mu else None
         return grad_mu, grad_logvar, grad_y, None  # row_weight is detached by gaussian_nll
+
+
+def _mean_weights(rows: Tensor) -> Tensor:
+    """``[N]`` weights ``1/N``: a row-weighted sum with them is the mean over ``rows``."""
+    return rows.new_full((rows.size(0),), 1.0 / max(rows.size(0), 1))
 
 
 def gaussian_nll(mu: Tensor, logvar: Tensor, y: Tensor, row_weight: Tensor) -> Tensor:
@@ -174,7 +179,7 @@ class CLUB(torch.nn.Module):
         given; several pairs stacked row-wise with weights :math:`1/N_m` give the sum of their
         means in one pass."""
         if row_weight is None:
-            row_weight = x.new_full((x.size(0),), 1.0 / max(x.size(0), 1))
+            row_weight = _mean_weights(x)
         return gaussian_nll(self.mu(x), self.logvar(x), y, row_weight)
 
     def forward(self, x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
@@ -473,9 +478,7 @@ class SEA(Recommender):
         # the sum over pairs of their mean negative log-likelihoods.
         x = torch.cat([a.detach() for a, _ in samples])
         y = torch.cat([b.detach() for _, b in samples])
-        row_weight = torch.cat(
-            [a.new_full((a.size(0),), 1.0 / max(a.size(0), 1)) for a, _ in samples]
-        )
+        row_weight = torch.cat([_mean_weights(a) for a, _ in samples])
         optimizer = self.club_optimizer
         with torch.enable_grad():
             for _ in range(steps):
