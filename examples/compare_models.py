@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
+
 from cm3_pyg.cli import DATA_ROOT_ENV, load_data
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
@@ -89,6 +91,33 @@ def _per_model(
     return parse
 
 
+def parse_grid_values(pairs: Sequence[str]) -> dict[str, dict[str, list[object]]]:
+    """``["bm3.n_layers=[2, 3, 4]", "bm3.dropout=0.3"]`` -> ``{"bm3": {"n_layers": [2, 3, 4],
+    "dropout": [0.3]}}``: values are YAML, a single value is a one-value list."""
+    out: dict[str, dict[str, list[object]]] = {}
+    for pair in pairs:
+        target, sep, raw = pair.partition("=")
+        model, dot, key = target.strip().partition(".")
+        if not sep or not dot or not model or not key.strip():
+            raise ValueError(f"--grid-values {pair!r}: expected MODEL.KEY=[v1, v2, ...]")
+        try:
+            values = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--grid-values {pair!r}: value is not valid YAML ({exc})") from None
+        values = values if isinstance(values, list) else [values]
+        if not values or any(v is None for v in values):
+            raise ValueError(f"--grid-values {pair!r}: expected at least one non-empty value")
+        out.setdefault(model.lower(), {})[key.strip()] = values
+    return out
+
+
+def _describe_grid_values(values: Mapping[str, Mapping[str, Sequence[object]]]) -> str:
+    return "; ".join(
+        f"{model}: " + ", ".join(f"{key}={list(v)}" for key, v in keys.items())
+        for model, keys in sorted(values.items())
+    )
+
+
 _budget = _per_model("budget", _positive_int)
 _epochs = _per_model("epochs", _positive_int)
 _grid = _per_model("grid", _grid_mode)
@@ -134,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         "best value combined; per-model values after it, e.g. coordinate,bm3=full",
     )
     parser.add_argument(
+        "--grid-values",
+        action="append",
+        default=[],
+        metavar="MODEL.KEY=[V1,V2]",
+        help="replace (or add) one key's values in one model's YAML grid, e.g. "
+        "'bm3.n_layers=[2,3,4]' (repeatable; a --set of that key moves the default point)",
+    )
+    parser.add_argument(
         "--epochs",
         type=_epochs,
         default=(None, {}),
@@ -176,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         overrides = parse_overrides(args.overrides)
+        grid_values = parse_grid_values(args.grid_values)
         users, items = _int_list(args.synthetic_size)
         duplicates = overrides.get(
             "duplicate_interactions", training_defaults()["duplicate_interactions"]
@@ -198,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset_name=name,
             grid_mode=args.grid[0] or "small",
             model_grid_modes=args.grid[1],
+            model_grid_values=grid_values,
             budget=args.budget[0],
             model_budgets=args.budget[1],
             epochs=args.epochs[0],
@@ -218,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": ", ".join(map(str, args.seeds)),
         "grid": _describe_per_model(args.grid[0], args.grid[1], "small"),
         "budget": _describe_budget(*args.budget),
+        **({"grid values": _describe_grid_values(grid_values)} if grid_values else {}),
+        **({"overrides": ", ".join(args.overrides)} if args.overrides else {}),
         "epochs": _describe_per_model(*args.epochs, "config default (early stopping)"),
     }
     paths = write_results(out, summaries, selected, meta)

@@ -20,6 +20,7 @@ from cm3_pyg.experiments import (
     choose_points,
     coordinate_point,
     grid_points,
+    model_grid,
     model_points,
     point_slug,
     run_comparison,
@@ -446,3 +447,75 @@ def test_per_model_grid_modes_replace_the_default_mode(tiny, tmp_path):
         run_comparison(tiny, ["bprmf"], [1], tmp_path, model_grid_modes={"sea": "full"})
     with pytest.raises(ConfigError, match="grid mode must be one of"):
         run_comparison(tiny, ["bprmf"], [1], tmp_path, model_grid_modes={"bprmf": "wide"})
+
+
+def test_grid_values_replace_yaml_keys_and_overrides_move_the_default_point():
+    yaml_grid = get_model_class("bm3").default_grid()
+    widened = model_grid("bm3", {"n_layers": [2, 3, 4], "cl_weight": [1.0]})
+    assert list(widened) == [*yaml_grid, "cl_weight"]  # replaced keys keep their place
+    assert widened["n_layers"] == [2, 3, 4] and widened["dropout"] == yaml_grid["dropout"]
+    # a --set of a grid key makes that value the default point; the others follow the grid
+    points = model_points(
+        "bm3",
+        "full",
+        values={"n_layers": [2, 3, 4], "dropout": [0.3], "reg_weight": [0.1]},
+        overrides={"n_layers": 2, "dropout": 0.3},
+    )
+    assert points == [{"n_layers": n, "dropout": 0.3, "reg_weight": 0.1} for n in (2, 3, 4)]
+    # without the overrides the YAML default (n_layers=1, dropout=0.5) is still trained first
+    plain = model_points(
+        "bm3", "full", values={"n_layers": [2, 3], "dropout": [0.3], "reg_weight": [0.1]}
+    )
+    assert plain[0] == {"n_layers": 1, "dropout": 0.5, "reg_weight": 0.1} and len(plain) == 3
+    for bad in ([], "2", None):
+        with pytest.raises(ConfigError, match=r"bm3\.n_layers"):
+            model_grid("bm3", {"n_layers": bad})
+    with pytest.raises(ConfigError, match="no default value"):
+        model_points("bm3", values={"no_such_key": [1]})
+    # training keys have defaults too (cm3_pyg/training/defaults.yaml)
+    lr = model_points("bprmf", "full", values={"reg_weight": [0.001], "learning_rate": [0.01]})
+    assert lr == [
+        {"reg_weight": 0.001, "learning_rate": 0.001},
+        {"reg_weight": 0.001, "learning_rate": 0.01},
+    ]
+
+
+def test_run_comparison_trains_the_widened_grid_and_checks_the_model_names(tiny, tmp_path):
+    calls = []
+    run_comparison(
+        tiny,
+        ["lightgcn", "bprmf"],
+        [1, 2],
+        tmp_path,
+        grid_mode="full",
+        overrides={"reg_weight": 0.01},
+        model_grid_values={"lightgcn": {"n_layers": [2, 4], "reg_weight": [0.01]}},
+        runner=recording_runner(calls),
+    )
+    lightgcn = [(c["n_layers"], c["reg_weight"], c["seed"]) for n, c, _ in calls if n == "lightgcn"]
+    default_layers = get_model_class("lightgcn").default_config()["n_layers"]
+    assert default_layers not in (2, 4)
+    assert lightgcn == [
+        (layers, 0.01, seed) for layers in (default_layers, 2, 4) for seed in (1, 2)
+    ]
+    bprmf = [c["reg_weight"] for n, c, _ in calls if n == "bprmf"]
+    assert bprmf[:2] == [0.01, 0.01]  # the override is BPR-MF's default point too
+    assert len(bprmf) == 2 * len(get_model_class("bprmf").default_grid()["reg_weight"])
+    with pytest.raises(ConfigError, match="grid values given for models that are not compared"):
+        run_comparison(tiny, ["bprmf"], [1], tmp_path, model_grid_values={"bm3": {"n_layers": [2]}})
+
+
+def test_grid_values_argument_parsing():
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from compare_models import _describe_grid_values, parse_grid_values
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    parsed = parse_grid_values(["BM3.n_layers=[2, 3, 4]", "bm3.dropout=0.3", "vbpr.reg_weight=[5]"])
+    assert parsed == {"bm3": {"n_layers": [2, 3, 4], "dropout": [0.3]}, "vbpr": {"reg_weight": [5]}}
+    assert _describe_grid_values(parsed) == (
+        "bm3: n_layers=[2, 3, 4], dropout=[0.3]; vbpr: reg_weight=[5]"
+    )
+    for bad in ("n_layers=[2]", "bm3.n_layers", "bm3.=[1]", "bm3.n_layers=[]", "bm3.x=[1, ["):
+        with pytest.raises(ValueError, match="--grid-values"):
+            parse_grid_values([bad])

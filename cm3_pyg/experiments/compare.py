@@ -47,6 +47,7 @@ __all__ = [
     "choose_points",
     "coordinate_point",
     "grid_points",
+    "model_grid",
     "model_points",
     "plot_results",
     "point_slug",
@@ -157,12 +158,46 @@ def coordinate_point(default: Mapping[str, Any], scores: Sequence[tuple[Params, 
     return combined
 
 
+def model_grid(
+    model: str, values: Mapping[str, Sequence[Any]] | None = None
+) -> dict[str, list[Any]]:
+    """A registered model's YAML grid with ``values`` replacing (or adding) some keys' lists.
+
+    Replaced keys keep their place in the YAML's key order; added keys come after it.
+    """
+    grid = {key: list(v) for key, v in get_model_class(model).default_grid().items()}
+    for key, given in (values or {}).items():
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or not given:
+            raise ConfigError(
+                f"grid values for {model}.{key} must list at least one value, got {given!r}"
+            )
+        grid[key] = list(given)
+    return grid
+
+
 def model_points(
-    model: str, mode: str = "small", budget: int | None = None, seed: int = 0
+    model: str,
+    mode: str = "small",
+    budget: int | None = None,
+    seed: int = 0,
+    *,
+    values: Mapping[str, Sequence[Any]] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[Params]:
-    """:func:`grid_points` of a registered model's YAML grid, capped by :func:`choose_points`."""
+    """:func:`grid_points` of a registered model's grid, capped by :func:`choose_points`.
+
+    Args:
+        model: a registered model name.
+        mode, budget, seed: see :func:`grid_points` and :func:`choose_points`.
+        values: per-key value lists that replace or extend the YAML grid (:func:`model_grid`).
+        overrides: configuration overrides applied to every run; they move the default point
+            (the model's YAML defaults otherwise), so ``--set n_layers=2`` makes
+            ``n_layers=2`` the point every other one is compared against.
+    """
     cls = get_model_class(model)
-    points = grid_points(cls.default_config(), cls.default_grid(), mode)
+    # the layered defaults: a grid may also search training keys such as learning_rate
+    defaults = load_config(cls.default_config(), overrides=overrides)
+    points = grid_points(defaults, model_grid(cls.name, values), mode)
     return choose_points(points, budget, seed)
 
 
@@ -260,6 +295,7 @@ def run_comparison(
     model_budgets: Mapping[str, int] | None = None,
     model_epochs: Mapping[str, int] | None = None,
     model_grid_modes: Mapping[str, str] | None = None,
+    model_grid_values: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     reuse: bool = True,
     keep_checkpoints: bool = False,
     progress: bool = False,
@@ -280,6 +316,9 @@ def run_comparison(
         epochs: overrides ``epochs`` of every run.
         model_grid_modes: per-model grid modes that replace ``grid_mode`` for those models
             (e.g. the full product for one model whose small grid is inconclusive).
+        model_grid_values: per-model ``{key: [values]}`` that replace or add keys of those
+            models' YAML grids (e.g. a search widened past the reference's range; the results
+            must then say so). Overrides that set a grid key move the default point there.
         model_epochs: per-model epoch caps that replace ``epochs`` for those models (e.g. a
             slow model whose full early-stopped run does not fit the compute budget; the
             results must then say so).
@@ -299,10 +338,16 @@ def run_comparison(
     if not models:
         raise ConfigError("no models to compare")
     compared = {m.lower() for m in models}
-    budgets, epoch_caps, grid_modes = (
-        dict(given or {}) for given in (model_budgets, model_epochs, model_grid_modes)
+    budgets, epoch_caps, grid_modes, grid_values = (
+        dict(given or {})
+        for given in (model_budgets, model_epochs, model_grid_modes, model_grid_values)
     )
-    for what, given in (("budgets", budgets), ("epochs", epoch_caps), ("grid modes", grid_modes)):
+    for what, given in (
+        ("budgets", budgets),
+        ("epochs", epoch_caps),
+        ("grid modes", grid_modes),
+        ("grid values", grid_values),
+    ):
         unused = sorted(set(given) - compared)
         if unused:
             raise ConfigError(f"{what} given for models that are not compared: {unused}")
@@ -333,7 +378,15 @@ def run_comparison(
             )
         model_budget = budgets.get(cls.name, budget)
         mode = grid_modes.get(cls.name, grid_mode)
-        for point in model_points(cls.name, mode, model_budget, shuffle_seed):
+        points = model_points(
+            cls.name,
+            mode,
+            model_budget,
+            shuffle_seed,
+            values=grid_values.get(cls.name),
+            overrides=base,
+        )
+        for point in points:
             for seed in seeds:
                 plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
     root = Path(out_dir) / "runs"
