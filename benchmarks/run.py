@@ -342,6 +342,18 @@ def run_child(args: list[str], baseline_src: Path | None = None) -> dict[str, An
     return {"error": f"child {' '.join(args)} failed (exit {proc.returncode}): {tail}"}
 
 
+def child_options(
+    device: str, steps: int, data_root: str | None, cache_dir: str | None
+) -> list[str]:
+    """The options every train child gets; folders as absolute paths, since a baseline
+    child runs in its own checkout's folder, where a relative path means another place."""
+    options = ["--device", device, "--steps", str(steps)]
+    for flag, folder in (("--data-root", data_root), ("--cache-dir", cache_dir)):
+        if folder:
+            options += [flag, os.path.abspath(folder)]
+    return options
+
+
 def baseline_checkout(rev: str, into: Path) -> Path:
     """``cm3_pyg/`` of git revision ``rev`` of this repository, extracted under ``into``."""
     archive = subprocess.run(
@@ -737,11 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(target, json.dumps(full, indent=2) + "\n")
         atomic_write_text(out / f"{args.suite}.md", to_markdown(full) + "\n")
 
-    common = ["--device", device, "--steps", str(steps)]
-    if args.data_root:
-        common += ["--data-root", args.data_root]
-    if args.cache_dir:
-        common += ["--cache-dir", args.cache_dir]
+    common = child_options(device, steps, args.data_root, args.cache_dir)
     if "kernels" in sections:
         print("kernels ...", flush=True)
         result["kernels"] = kernels_section(

@@ -20,18 +20,20 @@ in time and memory measurements: they are pure noise, so accuracy on them means 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
-from cm3_pyg.data import MMRecDataset, build_hetero_data, per_user_split_labels
+from cm3_pyg.data import MMRecDataset, build_hetero_data
 from cm3_pyg.data.hetero import ITEM, RATES, SPLIT_ATTRS, USER
 
 __all__ = [
@@ -142,9 +144,13 @@ def amazon_with_generated_features(
         items, 413 MB for clothing's 23,033), the graph a few MB.
     """
     folder = Path(data_root).expanduser() / name
-    graph = MMRecDataset(
-        folder, name=name, modalities=[], cache_dir=cache_dir, cache_in_folder=False
-    )[0]
+    options: dict[str, Any] = {"cache_dir": cache_dir}
+    # `--baseline-rev` runs this module against older cm3_pyg revisions; those predate
+    # cache_in_folder and cache in the folder only when it is writable (the shared data
+    # is read-only, so they fall back to cache_dir as well).
+    if "cache_in_folder" in inspect.signature(MMRecDataset).parameters:
+        options["cache_in_folder"] = False
+    graph = MMRecDataset(folder, name=name, modalities=[], **options)[0]
     features = generated_features(int(graph[ITEM].num_nodes), MMREC_FEATURE_DIMS, seed)
     return attach_features(graph, features)
 
@@ -320,6 +326,10 @@ def scale_interactions(
     # Re-sort by (user, item); users are already grouped, so sort items within users.
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
+    # imported here: older cm3_pyg revisions (benchmark baselines) lack it, and they only
+    # load the real graphs
+    from cm3_pyg.data import per_user_split_labels
+
     labels = per_user_split_labels(rng, users, counts, split_ratios)
     return users, items, labels
 

@@ -8,7 +8,7 @@ import torch
 from torch.nn import LeakyReLU, Linear, Sequential
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.run import encoder_flops, kernels_section, to_markdown
+from benchmarks.run import child_options, encoder_flops, kernels_section, to_markdown
 
 
 def test_encoder_flops_match_torch_flop_counter():
@@ -59,3 +59,59 @@ def test_sea_club_benchmark_sides_follow_the_same_trajectory():
     assert math.isclose(out["ours_final_nll"], out["plain_final_nll"], rel_tol=1e-5)
     assert out["ours_s"] > 0 and out["plain_s"] > 0
     assert math.isclose(out["ratio"], out["ours_s"] / out["plain_s"])
+
+
+def test_step_phases_time_the_trainers_own_steps():
+    from benchmarks.step_phases import PHASES, format_report, run, time_phases
+    from cm3_pyg.data import make_synthetic
+    from cm3_pyg.models import get_model_class
+    from cm3_pyg.training import build_graph_inputs, load_config, seed_everything
+    from cm3_pyg.training.inputs import get_splits
+    from cm3_pyg.training.trainer import Trainer
+
+    data = make_synthetic(num_users=120, num_items=80, seed=3)
+    cls = get_model_class("cm3")
+    config = load_config(
+        cls.default_config(), overrides={"embedding_size": 8, "train_batch_size": 256}
+    )
+
+    def trainer() -> Trainer:
+        seed_everything(0)
+        inputs = build_graph_inputs(data, config, uses_item_graph=True)
+        return Trainer(
+            cls.from_config(config, inputs), inputs, get_splits(data), config, progress=False
+        )
+
+    timed, plain = trainer(), trainer()
+    batches = -(-int(get_splits(data).train.size(1)) // 256)
+    assert batches >= 3
+    seed_everything(1)  # the fusion draws its t from the global generator
+    times = time_phases(timed, steps=2, warmup=1)
+    seed_everything(1)
+    plain.train_epoch(1, max_batches=3)
+    # the timed steps are the trainer's: same batches, negatives and Adam updates
+    for (name, a), (_, b) in zip(
+        timed.model.state_dict().items(), plain.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert all(len(times[name]) == 2 for name in (*PHASES, "step"))
+    for i in range(2):  # the phases partition the step
+        assert math.isclose(sum(times[name][i] for name in PHASES), times["step"][i], rel_tol=1e-9)
+
+    result = run("tiny", steps=2, warmup=1, loader=lambda *_: data)
+    assert result["model"] == "cm3" and "encoder_floor_ms" not in result  # features < 1024-d
+    report = format_report(result)
+    assert "| backward |" in report and "| step |" in report
+
+
+def test_child_options_pass_folders_as_absolute_paths(tmp_path, monkeypatch):
+    # a baseline child runs in its checkout's folder: a relative data root would point
+    # elsewhere there (it did: "../shared/data" became /tmp/shared/data)
+    monkeypatch.chdir(tmp_path)
+    options = child_options("cpu", 7, "../data", "cache")
+    assert options == [
+        "--device", "cpu", "--steps", "7",
+        "--data-root", str(tmp_path.parent / "data"),
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert child_options("cuda", 1, None, None) == ["--device", "cuda", "--steps", "1"]
