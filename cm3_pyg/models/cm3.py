@@ -186,10 +186,13 @@ class CM3(Recommender):
             projected.append(p)
         fused = self.fusion(projected, t=t)
         item_channels.append(fused)
+        # unbind: one backward node that stacks the channels' gradients; indexing each
+        # channel would zero-fill a full [C, U, d] gradient per channel and add them up.
+        user_channels = self.user_embedding.unbind(0)
         x0 = torch.cat(
             [
-                normalize_rows(torch.cat([self.user_embedding[c], item_channels[c]], dim=0))
-                for c in range(self.num_channels)
+                normalize_rows(torch.cat([user, item], dim=0))
+                for user, item in zip(user_channels, item_channels, strict=True)
             ],
             dim=-1,
         )
