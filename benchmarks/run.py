@@ -642,6 +642,26 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def merge_results(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` over an earlier ``<suite>.json``: sections it did not measure are kept.
+
+    ``train`` and ``reference`` are merged per scale: a scale measured now replaces every
+    earlier row of that scale (this revision's, a baseline's, an older revision's), so that
+    the rows of one scale always come from one sitting and a before/after never pairs
+    figures from different sittings. Other scales' rows are kept.
+    """
+    both = {k: v for k, v in previous.items() if k in SECTIONS}
+    for key in SECTIONS:
+        if key not in result:
+            continue
+        if key in ("train", "reference") and key in both:
+            fresh = {row.get("scale") for row in result[key]}
+            both[key] = [r for r in both[key] if r.get("scale") not in fresh] + result[key]
+        else:
+            both[key] = result[key]
+    return {**result, **both}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
@@ -726,20 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Sections and rows measured by an earlier invocation are kept unless re-measured.
         previous = json.loads(target.read_text())
 
-    def ident(row: dict[str, Any]) -> tuple[Any, Any]:
-        return row.get("scale"), row.get("code")
-
     def merged() -> dict[str, Any]:
-        both = {k: v for k, v in previous.items() if k in SECTIONS}
-        for key in SECTIONS:
-            if key not in result:
-                continue
-            if key in ("train", "reference") and key in both:
-                fresh = {ident(r) for r in result[key]}
-                both[key] = [r for r in both[key] if ident(r) not in fresh] + result[key]
-            else:
-                both[key] = result[key]
-        return {**result, **both}
+        return merge_results(previous, result)
 
     def save() -> None:
         from cm3_pyg.io import atomic_write_text

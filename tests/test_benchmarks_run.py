@@ -8,7 +8,13 @@ import torch
 from torch.nn import LeakyReLU, Linear, Sequential
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.run import child_options, encoder_flops, kernels_section, to_markdown
+from benchmarks.run import (
+    child_options,
+    encoder_flops,
+    kernels_section,
+    merge_results,
+    to_markdown,
+)
 
 
 def test_encoder_flops_match_torch_flop_counter():
@@ -115,3 +121,34 @@ def test_child_options_pass_folders_as_absolute_paths(tmp_path, monkeypatch):
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     assert child_options("cuda", 1, None, None) == ["--device", "cuda", "--steps", "1"]
+
+
+def test_a_remeasured_scale_replaces_all_its_earlier_rows():
+    previous = {
+        "date": "old",
+        "knn": ["old knn"],
+        "train": [
+            {"scale": "elec", "code": "revision 6c01c50"},
+            {"scale": "tiktok", "code": "this revision", "s": 1},
+            {"scale": "tiktok", "code": "baseline aaaa"},  # another sitting's baseline
+            {"scale": "baby", "code": "this revision", "s": 2},
+        ],
+        "reference": [{"scale": "tiktok", "ratio": 0.3}, {"scale": "baby", "ratio": 0.5}],
+    }
+    result = {
+        "date": "new",
+        "train": [
+            {"scale": "tiktok", "code": "this revision", "s": 3},
+            {"scale": "tiktok", "code": "baseline bbbb"},
+        ],
+        "reference": [{"scale": "tiktok", "ratio": 0.2}],
+    }
+    out = merge_results(previous, result)
+    assert out["date"] == "new" and out["knn"] == ["old knn"]
+    assert out["train"] == [
+        {"scale": "elec", "code": "revision 6c01c50"},
+        {"scale": "baby", "code": "this revision", "s": 2},
+        {"scale": "tiktok", "code": "this revision", "s": 3},
+        {"scale": "tiktok", "code": "baseline bbbb"},
+    ]
+    assert out["reference"] == [{"scale": "baby", "ratio": 0.5}, {"scale": "tiktok", "ratio": 0.2}]
