@@ -46,8 +46,9 @@ PHASES = ("negatives", "forward_and_loss", "backward", "optimizer_step")
 def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list[float]]:
     """Seconds of each of :data:`PHASES` for ``steps`` steps after ``warmup`` untimed ones.
 
-    The steps are the trainer's own (same batches, negatives, loss and optimizer); batches
-    are drawn from as many epochs' orders as needed. ``"step"`` holds each whole step.
+    The steps are the trainer's own (same batches, negatives, loss and optimizer, and
+    ``on_epoch_start`` before each epoch's batches); batches are drawn from as many epochs'
+    orders as needed. ``"step"`` holds each whole step.
     """
     model, inputs, train = trainer.model, trainer.inputs, trainer.splits.train
     batch_size = int(trainer.config["train_batch_size"])
@@ -59,7 +60,10 @@ def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list
         return time.perf_counter()
 
     def batches() -> Any:
-        while True:
+        epoch = 0
+        while True:  # per-epoch model state as the trainer sets it (not timed)
+            epoch += 1
+            model.on_epoch_start(epoch, inputs)
             yield from epoch_batches(train.size(1), batch_size, trainer.generator)
 
     model.train()
