@@ -746,14 +746,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Sections and rows measured by an earlier invocation are kept unless re-measured.
         previous = json.loads(target.read_text())
 
-    def merged() -> dict[str, Any]:
-        return merge_results(previous, result)
-
     def save() -> None:
         from cm3_pyg.io import atomic_write_text
 
         result["total_seconds"] = time.perf_counter() - started
-        full = merged()
+        full = merge_results(previous, result)
         atomic_write_text(target, json.dumps(full, indent=2) + "\n")
         atomic_write_text(out / f"{args.suite}.md", to_markdown(full) + "\n")
 
@@ -835,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["reference"].append(row)
             save()
     save()
-    print(to_markdown(merged()))
+    print(to_markdown(merge_results(previous, result)))
     return 0
 
 

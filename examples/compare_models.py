@@ -20,8 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
 from cm3_pyg.cli import DATA_ROOT_ENV, load_data
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
@@ -94,16 +92,13 @@ def _per_model(
 def parse_grid_values(pairs: Sequence[str]) -> dict[str, dict[str, list[object]]]:
     """``["bm3.n_layers=[2, 3, 4]", "bm3.dropout=0.3"]`` -> ``{"bm3": {"n_layers": [2, 3, 4],
     "dropout": [0.3]}}``: values are YAML, a single value is a one-value list."""
+    form = "MODEL.KEY=[v1, v2, ...]"
     out: dict[str, dict[str, list[object]]] = {}
     for pair in pairs:
-        target, sep, raw = pair.partition("=")
-        model, dot, key = target.strip().partition(".")
-        if not sep or not dot or not model or not key.strip():
-            raise ValueError(f"--grid-values {pair!r}: expected MODEL.KEY=[v1, v2, ...]")
-        try:
-            values = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--grid-values {pair!r}: value is not valid YAML ({exc})") from None
+        [(target, values)] = parse_overrides([pair], flag="--grid-values", form=form).items()
+        model, dot, key = target.partition(".")
+        if not dot or not model or not key.strip():
+            raise ValueError(f"--grid-values {pair!r}: expected {form}")
         values = values if isinstance(values, list) else [values]
         if not values or any(v is None for v in values):
             raise ValueError(f"--grid-values {pair!r}: expected at least one non-empty value")

@@ -92,18 +92,24 @@ def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str)
     return merged
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; values are YAML (``3``, ``0.5``, ``[5, 10]``)."""
+def parse_overrides(
+    pairs: Iterable[str], flag: str = "--set", form: str = "key=value"
+) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are YAML (``3``, ``0.5``, ``[5, 10]``).
+
+    ``flag`` and ``form`` name the option and its expected shape in error messages (other
+    options of the same ``key=YAML`` syntax reuse this parser).
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
+            raise ConfigError(f"{flag} {pair!r}: expected {form}")
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {pair!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(f"{flag} {pair!r}: value is not valid YAML ({exc})") from None
     return out
 
 
