@@ -119,6 +119,39 @@ def test_loss_matches_pairwise_formulas():
     torch.testing.assert_close(model.loss(out, users, pos, neg), align + 0.5 * (unif + cu) / 2)
 
 
+def test_training_loss_equals_loss_of_a_full_forward():
+    # training_loss weights only the batch's distinct users; the same loss and gradients as
+    # model.loss on a full forward (same fusion draw: same seed before each).
+    from cm3_pyg.models.base import GraphInputs
+
+    torch.manual_seed(0)
+    model = CM3(NU, NI, [7, 5], embedding_dim=6).double()
+    feats = [torch.randn(NI, 7, dtype=torch.float64), torch.randn(NI, 5, dtype=torch.float64)]
+    index, weight, item_index, item_weight = tiny_graph(2)
+    ui = to_adjacency(index, weight.double(), NU + NI)
+    item_adj = to_adjacency(item_index, item_weight.double(), NI)
+    inputs = GraphInputs(NU, NI, feats, ["a", "b"], ui, item_adj)
+    users = torch.tensor([3, 0, 3, 7, 11, 0, 3])
+    pos = torch.tensor([1, 2, 1, 8, 0, 5, 4])
+    neg = torch.tensor([6, 6, 2, 0, 7, 3, 6])
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(5)
+    fast = model.training_loss(inputs, users, pos, neg)
+    fast_grads = torch.autograd.grad(fast, params)
+    torch.manual_seed(5)
+    full = model.loss(model(feats, ui, item_adj), users, pos, neg)
+    full_grads = torch.autograd.grad(full, params)
+    torch.testing.assert_close(fast, full)
+    for a, b in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # the users= forward gives exactly those rows of the full table
+    model.eval()
+    rows = torch.tensor([7, 3, 0])
+    torch.testing.assert_close(
+        model(feats, ui, item_adj, users=rows).user, model(feats, ui, item_adj).user[rows]
+    )
+
+
 def test_eval_forward_is_deterministic_and_train_forward_is_not():
     torch.manual_seed(0)
     model = CM3(NU, NI, [4, 3])

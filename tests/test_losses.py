@@ -219,6 +219,35 @@ def test_extreme_scales_stay_finite():
     assert float(value) == pytest.approx(-2.0 * 2e8, rel=1e-4)
 
 
+def test_shift_bound_falls_back_to_the_exact_maximum(monkeypatch):
+    # On CPU each tile is shifted by an upper bound of the exponents known in advance; if
+    # the sum then underflows (rows far apart) the exact maximum is used instead.
+    from cm3_pyg.nn import losses
+
+    shifts = []
+    original = losses._exp_tiles
+
+    def spy(*args, shift):
+        shifts.append(shift)
+        return original(*args, shift=shift)
+
+    monkeypatch.setattr(losses, "_exp_tiles", spy)
+    x = unit(12, 5, 3)
+    counts = torch.tensor([1, 2, 1, 4, 1, 1, 1, 1, 3, 1, 1, 1])
+    f = torch.randn(12, 4, dtype=torch.float64)
+    value = calibrated_uniformity_loss(x, ClampedCosineSimilarity(f, 0.1, 0.9), counts=counts)
+    # bound: 2 log max(m) - 2t min_sim, one pass only
+    assert shifts == [pytest.approx(2 * math.log(4) - 2 * 2.0 * 0.1)]
+    xe, fe = _expanded(x, counts), F.normalize(_expanded(f, counts), dim=-1)
+    expected = brute_calibrated(xe, (fe @ fe.t()).clamp(0.1, 0.9), 2.0)
+    torch.testing.assert_close(value, expected)
+
+    shifts.clear()
+    value = uniformity_loss(torch.eye(8, 8, dtype=torch.float64) * 1e4)
+    assert shifts == [0.0, None]
+    assert float(value) == pytest.approx(-2.0 * 2e8, rel=1e-9)
+
+
 def test_single_row_batches_are_zero_and_differentiable():
     x = torch.randn(1, 4, requires_grad=True)
     loss = uniformity_loss(x) + calibrated_uniformity_loss(x, torch.ones(1, 1))
@@ -254,15 +283,16 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("n", [8, 9])
-@pytest.mark.parametrize("blocked", [True, False])
-def test_upper_half_blocks_match_brute_force(monkeypatch, n, blocked):
-    # From BLOCKED_MIN_ROWS rows on, the kernel forms only the upper-half blocks of the
-    # symmetric pairwise matrix; lowered here so small, brute-forceable inputs take that
-    # path (odd and even N give unequal halves).
+@pytest.mark.parametrize("tile_rows", [3, 4, 10**9])
+def test_upper_half_tiles_match_brute_force(monkeypatch, n, tile_rows):
+    # The kernel forms the upper half of the symmetric pairwise matrix tile by tile; the
+    # tile size is lowered here so small, brute-forceable inputs take that path (unequal
+    # bands for N = 8 with 3 rows per tile, N = 9 with 4), or raised to one whole tile.
     from cm3_pyg.nn import losses
 
-    monkeypatch.setattr(losses, "BLOCKED_MIN_ROWS", 2 if blocked else 10**9)
-    assert len(losses._symmetric_blocks(n)) == (3 if blocked else 1)
+    monkeypatch.setattr(losses, "TILE_ROWS", tile_rows)
+    parts = -(-n // tile_rows)
+    assert len(losses._symmetric_tiles(n)) == parts * (parts + 1) // 2
     counts = torch.tensor([2, 1, 3, 1, 1, 2, 1, 1, 4][:n])
     base_x, base_f = unit(n, 6, 21), torch.randn(n, 5, dtype=torch.float64)
     base_s = torch.rand(n, n, dtype=torch.float64)

@@ -21,6 +21,7 @@ from cm3_pyg.nn import (
     calibrated_uniformity_loss,
     cosine_similarity_matrix,
     normalize_rows,
+    normalized_concat,
     slerp,
     to_adjacency,
     uniformity_loss,
@@ -69,6 +70,51 @@ def test_normalize_rows_gradient_matches_f_normalize() -> None:
     (g1,) = torch.autograd.grad((normalize_rows(x) * w).sum(), x)
     (g2,) = torch.autograd.grad((F.normalize(x, dim=-1) * w).sum(), x)
     torch.testing.assert_close(g1, g2)
+
+
+def _divide_by_norm(x: torch.Tensor) -> torch.Tensor:
+    norm = x.norm(dim=-1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+@pytest.mark.parametrize("widths", [(3, 3, 3), (2, 5)])
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_normalized_concat_matches_divide_by_norm_and_cat(widths: tuple[int, ...], scale: float):
+    # Against x / ||x|| and torch.cat, autograd in float64 (the scales push a block off the
+    # direct path in float32; the zero row stays zero and passes its gradient through).
+    g = torch.Generator().manual_seed(4)
+    groups = [[torch.randn(n, w, generator=g, dtype=torch.float64) for n in (4, 6)] for w in widths]
+    groups[0][1][2] = 0.0
+    groups[-1][0] = groups[-1][0] * scale
+    leaves = [[b.clone().requires_grad_() for b in group] for group in groups]
+    twins = [[b.clone().requires_grad_() for b in group] for group in groups]
+    got = normalized_concat(leaves)
+    expected = torch.cat([_divide_by_norm(torch.cat(group)) for group in twins], dim=-1)
+    torch.testing.assert_close(got, expected)
+    w = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((got * w).sum(), [b for group in leaves for b in group])
+    theirs = torch.autograd.grad((expected * w).sum(), [b for group in twins for b in group])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours[1][2], w[6, : widths[0]])  # the zero row's gradient
+    # float32 at the extreme scales: still exact unit rows
+    small = [[b.float() for b in group] for group in groups]
+    torch.testing.assert_close(
+        normalized_concat(small), expected.detach().float(), atol=1e-6, rtol=0
+    )
+
+
+def test_normalized_concat_validation() -> None:
+    with pytest.raises(ValueError, match="at least one group"):
+        normalized_concat([])
+    with pytest.raises(ValueError, match=r"group 1 has blocks of \[2, 3\] rows"):
+        normalized_concat(
+            [[torch.ones(2, 2), torch.ones(4, 2)], [torch.ones(2, 2), torch.ones(3, 2)]]
+        )
+    with pytest.raises(ValueError, match="blocks of group 0 differ in width"):
+        normalized_concat([[torch.ones(2, 2), torch.ones(2, 3)]])
+    with pytest.raises(ValueError, match="one dtype"):
+        normalized_concat([[torch.ones(2, 2), torch.ones(2, 2, dtype=torch.float64)]])
 
 
 # ----------------------------------------------------------------------------- fusion

@@ -19,6 +19,7 @@ from cm3_pyg.nn import (
     alignment_loss,
     calibrated_uniformity_loss,
     normalize_rows,
+    normalized_concat,
     propagate_item_graph,
     uniformity_loss,
 )
@@ -28,7 +29,8 @@ class CM3Output(NamedTuple):
     """One forward pass of :class:`CM3`.
 
     Attributes:
-        user: ``[U, (M+1) d]`` user representations (channel-weighted).
+        user: ``[U, (M+1) d]`` user representations (channel-weighted); ``[B, (M+1) d]`` when
+            the forward was given ``users``.
         item: ``[I, (M+1) d]`` item representations.
         fused: ``[I, d]`` spherical-Bezier fusion of the projected modality features
             (unit rows); its cosine similarities calibrate the item uniformity.
@@ -162,6 +164,7 @@ class CM3(Recommender):
         ui_adj: Any,
         item_adj: Any = None,
         t: Tensor | None = None,
+        users: Tensor | None = None,
     ) -> CM3Output:
         """Full-graph forward.
 
@@ -170,6 +173,9 @@ class CM3(Recommender):
             ui_adj: normalised ``[U + I, U + I]`` sparse adjacency (users first).
             item_adj: normalised ``[I, I]`` item graph or ``None`` to skip that step.
             t: optional ``[I, 1]`` fusion parameter (default: random in training, 0.5 in eval).
+            users: optional ``[B]`` user ids: ``user`` then holds only these users' rows, in
+                this order (the same values as those rows of the full table, without
+                weighting every user's channels).
         """
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
@@ -189,17 +195,17 @@ class CM3(Recommender):
         # unbind: one backward node that stacks the channels' gradients; indexing each
         # channel would zero-fill a full [C, U, d] gradient per channel and add them up.
         user_channels = self.user_embedding.unbind(0)
-        x0 = torch.cat(
-            [
-                normalize_rows(torch.cat([user, item], dim=0))
-                for user, item in zip(user_channels, item_channels, strict=True)
-            ],
-            dim=-1,
+        # Per channel, the row-normalised [users; items], written straight into [N, C d].
+        x0 = normalized_concat(
+            [[user, item] for user, item in zip(user_channels, item_channels, strict=True)]
         )
         h = self.propagation(x0, ui_adj)
         user_h, item_h = split_users_items(h, self.num_users)
-        weights = torch.softmax(self.user_channel_logits, dim=-1).unsqueeze(-1)
-        user = (user_h.view(self.num_users, self.num_channels, -1) * weights).flatten(1)
+        logits = self.user_channel_logits
+        if users is not None:
+            user_h, logits = user_h.index_select(0, users), logits.index_select(0, users)
+        weights = torch.softmax(logits, dim=-1).unsqueeze(-1)
+        user = (user_h.view(user_h.size(0), self.num_channels, -1) * weights).flatten(1)
         if item_adj is not None:
             item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)
         return CM3Output(user=user, item=item_h, fused=fused)
@@ -207,21 +213,36 @@ class CM3(Recommender):
     def loss(self, out: CM3Output, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         """CM3's loss of one batch (see the class docstring); inputs are ``[B]`` index tensors.
 
-        The pairwise terms see each distinct user / negative item once, weighted by how
-        often it occurs in the batch: the same value and gradient as the ``B x B`` pairs of
-        repeated rows, on a smaller matrix.
+        ``out`` is a full forward (``out.user`` holds every user). The pairwise terms see each
+        distinct user / negative item once, weighted by how often it occurs in the batch: the
+        same value and gradient as the ``B x B`` pairs of repeated rows, on a smaller matrix.
         """
         users_unique, users_inverse, users_count = torch.unique(
             users, return_inverse=True, return_counts=True
         )
-        u_unique = normalize_rows(out.user.index_select(0, users_unique))
-        u = u_unique.index_select(0, users_inverse)
-        i = normalize_rows(out.item.index_select(0, pos_items))
-        neg_unique, neg_count = torch.unique(neg_items, return_counts=True)
-        j = normalize_rows(out.item.index_select(0, neg_unique))
-        sim = ClampedCosineSimilarity(
-            out.fused.index_select(0, neg_unique), self.min_sim, self.max_sim
+        user_rows = out.user.index_select(0, users_unique)
+        return self._batch_loss(
+            user_rows, users_inverse, users_count, out.item, out.fused, pos_items, neg_items
         )
+
+    def _batch_loss(
+        self,
+        user_rows: Tensor,
+        users_inverse: Tensor,
+        users_count: Tensor,
+        item: Tensor,
+        fused: Tensor,
+        pos_items: Tensor,
+        neg_items: Tensor,
+    ) -> Tensor:
+        """The loss from the batch's distinct users' rows ``[B', (M+1) d]`` (``torch.unique``
+        order), their inverse map and counts, and the full item tables."""
+        u_unique = normalize_rows(user_rows)
+        u = u_unique.index_select(0, users_inverse)
+        i = normalize_rows(item.index_select(0, pos_items))
+        neg_unique, neg_count = torch.unique(neg_items, return_counts=True)
+        j = normalize_rows(item.index_select(0, neg_unique))
+        sim = ClampedCosineSimilarity(fused.index_select(0, neg_unique), self.min_sim, self.max_sim)
         uniform = uniformity_loss(
             u_unique, self.temperature, counts=users_count
         ) + calibrated_uniformity_loss(j, sim, self.temperature, counts=neg_count)
@@ -230,8 +251,15 @@ class CM3(Recommender):
     def training_loss(
         self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
     ) -> Tensor:
-        out = self(inputs.features, inputs.ui_adj, inputs.item_adj)
-        return self.loss(out, users, pos_items, neg_items)
+        # Only the batch's distinct users are weighted (same values as model.loss on a full
+        # forward, tested).
+        users_unique, users_inverse, users_count = torch.unique(
+            users, return_inverse=True, return_counts=True
+        )
+        out = self(inputs.features, inputs.ui_adj, inputs.item_adj, users=users_unique)
+        return self._batch_loss(
+            out.user, users_inverse, users_count, out.item, out.fused, pos_items, neg_items
+        )
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         out = self(inputs.features, inputs.ui_adj, inputs.item_adj)

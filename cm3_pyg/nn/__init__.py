@@ -1,7 +1,7 @@
 """Layers, fusion and losses: tensor-in, tensor-out building blocks for PyG models."""
 
 from cm3_pyg.nn.conv import UserItemPropagation, propagate_item_graph
-from cm3_pyg.nn.functional import normalize_rows
+from cm3_pyg.nn.functional import normalize_rows, normalized_concat
 from cm3_pyg.nn.fusion import SphericalBezierFusion, slerp
 from cm3_pyg.nn.losses import (
     ClampedCosineSimilarity,
@@ -34,6 +34,7 @@ __all__ = [
     "cosine_similarity_matrix",
     "info_nce_loss",
     "normalize_rows",
+    "normalized_concat",
     "pairwise_sq_distances",
     "propagate_item_graph",
     "slerp",

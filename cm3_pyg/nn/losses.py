@@ -2,8 +2,8 @@ r"""Losses for contrastive and ranking objectives on unit-sphere embeddings.
 
 The pairwise losses work on one Gram matrix of the batch inside a fused kernel with a
 hand-written backward: nothing allocates an index tensor of all pairs, the ``log mean exp``
-is shifted by its maximum so it cannot overflow or underflow, and repeated rows can be
-passed once with their multiplicity.
+is shifted by a bound of its terms (or their maximum) so it cannot overflow or underflow,
+and repeated rows can be passed once with their multiplicity.
 """
 
 from __future__ import annotations
@@ -79,34 +79,34 @@ class ClampedCosineSimilarity(NamedTuple):
     max_sim: float | None = None
 
 
-#: Below this many rows the pairwise matrix is formed whole; above it, as the three
-#: blocks of its upper half (a quarter fewer forward FLOPs and element passes).
-BLOCKED_MIN_ROWS = 512
+#: Rows per tile of the pairwise matrix. The upper half of the symmetric ``[N, N]`` matrix is
+#: formed tile by tile (``p (p + 1) / 2`` tiles for ``p = ceil(N / TILE_ROWS)`` row bands):
+#: each tile's product, shift, ``exp`` and sum run while it is in cache, about half the
+#: square's FLOPs are spent (``(p + 1) / 2p`` of them), and tiles of this size run the GEMM
+#: faster than one ``[N, N]`` product (BENCHMARKS.md).
+TILE_ROWS = 512
 
 
-def _symmetric_blocks(n: int) -> tuple[tuple[slice, slice], ...]:
-    """Row/column slices covering the upper half of a symmetric ``[n, n]`` matrix."""
-    if n < BLOCKED_MIN_ROWS:
-        return ((slice(0, n), slice(0, n)),)
-    h = (n + 1) // 2
-    first, second = slice(0, h), slice(h, n)
-    return ((first, first), (first, second), (second, second))
+def _symmetric_tiles(n: int) -> tuple[tuple[slice, slice], ...]:
+    """Row/column slices of the tiles covering the upper half of a symmetric ``[n, n]`` matrix."""
+    parts = max(1, -(-n // TILE_ROWS))
+    bounds = [(k * n) // parts for k in range(parts + 1)]
+    bands = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return tuple((bands[i], bands[j]) for i in range(parts) for j in range(i, parts))
 
 
 def _symmetric_matmul(
-    blocks: Sequence[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor
+    tiles: Sequence[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor
 ) -> Tensor:
-    """``M @ y`` for the symmetric ``M`` stored as :func:`_symmetric_blocks` blocks."""
-    if len(blocks) == 1:
-        return blocks[0] @ y
-    (first, _), (_, second), _ = cuts
-    top, off, bottom = blocks
-    return torch.cat(
-        [
-            torch.addmm(top @ y[first], off, y[second]),
-            torch.addmm(bottom @ y[second], off.t(), y[first]),
-        ]
-    )
+    """``M @ y`` for the symmetric ``M`` stored as its :func:`_symmetric_tiles` tiles."""
+    if len(tiles) == 1:
+        return tiles[0] @ y
+    out = y.new_zeros(y.shape)
+    for tile, (rows, cols) in zip(tiles, cuts, strict=True):
+        out[rows].addmm_(tile, y[cols])
+        if rows != cols:
+            out[cols].addmm_(tile.t(), y[rows])
+    return out
 
 
 class _PairwiseLogSumExp(torch.autograd.Function):
@@ -121,9 +121,18 @@ class _PairwiseLogSumExp(torch.autograd.Function):
     (:math:`2t\,x_a \cdot x_b - t n_a - t n_b` is the inner product of
     :math:`[\sqrt{2t}\,x_a, -t n_a + \log m_a, 1]` and
     :math:`[\sqrt{2t}\,x_b, 1, -t n_b + \log m_b]`), then a few in-place passes
-    (similarity, diagonal, max, exp, sum). The matrix is symmetric, so from
-    :data:`BLOCKED_MIN_ROWS` rows on only the three blocks of its upper half are formed
-    (the off-diagonal block counts twice).
+    (similarity, diagonal, shift, exp, sum), tile by tile over the upper half of the
+    symmetric matrix (:func:`_symmetric_tiles`; off-diagonal tiles count twice).
+
+    The shift that keeps ``exp`` in range is an upper bound of every exponent, known before
+    any tile is formed: by Cauchy-Schwarz :math:`-t\|x_a - x_b\|^2 \le 0`, so
+    :math:`\ell_{ab} + \log m_a m_b \le 2 \max \log m - 2t\,s_{\min}`. Each tile is then
+    finished while it is in cache. For unit rows (CM3) the largest term is at least
+    :math:`e^{-4t - 2t(s_{\max} - s_{\min}) - 2\log \max m}`, far from underflow; when the
+    sum still comes out non-finite or tiny (huge rows, rounding beyond the bound), or on an
+    accelerator (where checking would be a host sync), the exact maximum is used instead,
+    at the cost of one more pass.
+
     Backward: with :math:`P = e^{\ell}/\sum e^{\ell}` (symmetric),
     :math:`\partial/\partial x_a = -4t\,(\sum_b P_{ab}\,x_a - (P x)_a)`: one product
     :math:`P\,[x, 1]` gives both terms (the diagonal cancels). A clamped-cosine similarity
@@ -141,7 +150,6 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         max_sim: float | None,
         t: float,
     ) -> Tensor:
-        n = x.size(0)
         sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
         bias = sq_norm.mul(-t)
         if counts is not None:
@@ -150,50 +158,26 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         scaled = x * math.sqrt(2.0 * t)
         left = torch.cat([scaled, bias, ones], dim=-1)
         right = torch.cat([scaled, ones, bias], dim=-1)
-        cuts = _symmetric_blocks(n)
-        logits = [left[rows] @ right[cols].t() for rows, cols in cuts]
         # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
         if counts is None:
             diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
         else:
             diagonal = torch.log(counts * (counts - 1.0))
-        keeps: list[Tensor] = []
-        if unit_features is not None or sim is not None:
-            sim_diagonal = []
-            for block, (rows, cols) in zip(logits, cuts, strict=True):
-                if unit_features is None:
-                    part = sim[rows, cols]
-                else:
-                    part = unit_features[rows] @ unit_features[cols].t()
-                    if (min_sim, max_sim) != (None, None):
-                        if unit_features.requires_grad:
-                            # torch.clamp's gradient rule: it passes where min <= cos <= max,
-                            # i.e. where the clamp leaves cos unchanged. The in-place
-                            # comparison turns the raw block into that 0/1 mask in its own
-                            # dtype (bool masks are several times slower on N^2 entries).
-                            raw = part
-                            part = raw.clamp(min=min_sim, max=max_sim)
-                            keeps.append(raw.eq_(part))
-                        else:
-                            part.clamp_(min=min_sim, max=max_sim)
-                block.sub_(part, alpha=2.0 * t)
-                if rows == cols:
-                    sim_diagonal.append(part.diagonal())
-            diagonal = diagonal - 2.0 * t * torch.cat(sim_diagonal)
-        offset = 0
-        for block, (rows, cols) in zip(logits, cuts, strict=True):
-            if rows == cols:
-                size = rows.stop - rows.start
-                block.diagonal().copy_(diagonal[offset : offset + size])
-                offset += size
-        peak = torch.stack([block.max() for block in logits]).max()
-        weights = [block.sub_(peak).exp_() for block in logits]
-        total = sum(
-            block.sum() * (1.0 if rows == cols else 2.0)
-            for block, (rows, cols) in zip(weights, cuts, strict=True)
-        )
+        cuts = _symmetric_tiles(x.size(0))
+        shift = None
+        if x.device.type == "cpu":
+            if unit_features is not None:
+                low = -1.0 if min_sim is None else max(min_sim, -1.0)
+            else:
+                low = 0.0 if sim is None else float(sim.min())
+            top = 0.0 if counts is None else 2.0 * float(counts.max().log())
+            shift = top - 2.0 * t * low
+        args = (left, right, diagonal, sim, unit_features, min_sim, max_sim, t, cuts)
+        tiles, keeps, total, peak = _exp_tiles(*args, shift=shift)
+        if shift is not None and not 1e-15 < float(total) < float("inf"):
+            tiles, keeps, total, peak = _exp_tiles(*args, shift=None)
         ctx.cuts = cuts
-        ctx.save_for_backward(x, total, unit_features, *weights, *keeps)
+        ctx.save_for_backward(x, total, unit_features, *tiles, *keeps)
         ctx.t = t
         return peak + total.log()
 
@@ -208,10 +192,10 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             n = x.size(0)
             grad_sim = weights[0].new_empty(n, n)
-            for block, (rows, cols) in zip(weights, cuts, strict=True):
-                grad_sim[rows, cols] = block
+            for tile, (rows, cols) in zip(weights, cuts, strict=True):
+                grad_sim[rows, cols] = tile
                 if rows != cols:
-                    grad_sim[cols, rows] = block.t()
+                    grad_sim[cols, rows] = tile.t()
             grad_sim.mul_(scale * -2.0 * t)
         if ctx.needs_input_grad[0]:
             ones = torch.ones_like(x[:, :1])
@@ -223,6 +207,64 @@ class _PairwiseLogSumExp(torch.autograd.Function):
             masked = [w * k for w, k in zip(weights, keeps, strict=True)] if keeps else weights
             grad_features = _symmetric_matmul(masked, cuts, unit_features) * (scale * -4.0 * t)
         return grad_x, None, grad_sim, grad_features, None, None, None
+
+
+def _exp_tiles(
+    left: Tensor,
+    right: Tensor,
+    diagonal: Tensor,
+    sim: Tensor | None,
+    unit_features: Tensor | None,
+    min_sim: float | None,
+    max_sim: float | None,
+    t: float,
+    cuts: tuple[tuple[slice, slice], ...],
+    shift: float | None,
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    r"""The tiles of :math:`e^{\ell - c}`, the clamp masks, their total and the shift ``c``.
+
+    ``shift=None`` shifts by the exact maximum (all tiles are formed first); a number is
+    applied to each tile as soon as it is formed.
+    """
+    tiles: list[Tensor] = []
+    keeps: list[Tensor] = []
+    total = left.new_zeros(())
+    for rows, cols in cuts:
+        tile = left[rows] @ right[cols].t()
+        part = None
+        if unit_features is not None:
+            part = unit_features[rows] @ unit_features[cols].t()
+            if (min_sim, max_sim) != (None, None):
+                if unit_features.requires_grad:
+                    # torch.clamp's gradient rule: it passes where min <= cos <= max, i.e.
+                    # where the clamp leaves cos unchanged. The in-place comparison turns
+                    # the raw tile into that 0/1 mask in its own dtype (bool masks are
+                    # several times slower on N^2 entries).
+                    raw = part
+                    part = raw.clamp(min=min_sim, max=max_sim)
+                    keeps.append(raw.eq_(part))
+                else:
+                    part.clamp_(min=min_sim, max=max_sim)
+        elif sim is not None:
+            part = sim[rows, cols]
+        if part is not None:
+            tile.sub_(part, alpha=2.0 * t)
+        if rows == cols:
+            on_diagonal = diagonal[rows]
+            if part is not None:
+                on_diagonal = on_diagonal - 2.0 * t * part.diagonal()
+            tile.diagonal().copy_(on_diagonal)
+        if shift is not None:
+            tile.sub_(shift).exp_()
+            total = total + tile.sum() * (1.0 if rows == cols else 2.0)
+        tiles.append(tile)
+    if shift is not None:
+        return tiles, keeps, total, left.new_tensor(shift)
+    peak = torch.stack([tile.max() for tile in tiles]).max()
+    for tile, (rows, cols) in zip(tiles, cuts, strict=True):
+        tile.sub_(peak).exp_()
+        total = total + tile.sum() * (1.0 if rows == cols else 2.0)
+    return tiles, keeps, total, peak
 
 
 def _pairwise_uniformity(
