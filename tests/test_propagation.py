@@ -248,3 +248,59 @@ def test_out_of_range_indices_are_a_clear_error():
         to_adjacency(index, None, 4)
     with pytest.raises(ValueError, match=r"edge_index\[1\] has a column index outside \[0, 3\)"):
         to_adjacency(torch.tensor([[0, 1], [1, 3]]), None, 2, 3)
+
+
+@pytest.mark.parametrize("combine", ["sum", "mean", "last"])
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
+@pytest.mark.parametrize("bipartite", [True, False])
+def test_batch_rows_match_dense_layers_and_their_gradients(combine, num_layers, bipartite):
+    # forward_rows: the batch users' rows and the item rows of the propagation, with the
+    # gradient of any upstream use of them, against dense float64 powers. On a bipartite
+    # graph the last layer is restricted to those rows; a graph with a user-user edge takes
+    # the full path. Repeated and unsorted users, and users without edges, are allowed.
+    nu, ni = 30, 20
+    index, weight = bipartite_normalized_adjacency(random_bipartite(nu, ni, 90, seed=3), nu, ni)
+    if not bipartite:
+        index = torch.cat([index, torch.tensor([[0, 1], [1, 0]])], dim=1)
+        weight = torch.cat([weight, torch.tensor([0.3, 0.3])])
+    n = nu + ni
+    adj = to_adjacency(index, weight.double(), n, backend="csr")
+    assert (adj._bipartite_blocks(nu) is not None) == bipartite
+    a = dense(index, weight, n)
+    users = torch.tensor([7, 3, 7, 29, 0, 12])
+    layer = UserItemPropagation(num_layers, combine)
+    x = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    user_rows, item_rows = layer.forward_rows(x, adj, nu, users)
+
+    y = x.detach().clone().requires_grad_()
+    layers = [y]
+    for _ in range(num_layers):
+        layers.append(a @ layers[-1])
+    full = {"sum": sum(layers), "mean": sum(layers) / (num_layers + 1), "last": layers[-1]}
+    expected = full[combine]
+    torch.testing.assert_close(user_rows, expected[users])
+    torch.testing.assert_close(item_rows, expected[nu:])
+
+    w_users, w_items = torch.randn_like(user_rows), torch.randn_like(item_rows)
+    for use_users, use_items in [(True, True), (True, False), (False, True)]:
+        ours = (user_rows * w_users).sum() * use_users + (item_rows * w_items).sum() * use_items
+        theirs = (expected[users] * w_users).sum() * use_users + (
+            expected[nu:] * w_items
+        ).sum() * use_items
+        (got,) = torch.autograd.grad(ours, x, retain_graph=True)
+        (want,) = torch.autograd.grad(theirs, y, retain_graph=True)
+        torch.testing.assert_close(got, want)
+
+
+def test_batch_rows_of_an_edge_index_graph_and_a_torch_csr_tensor():
+    nu, ni = 12, 8
+    index, weight = bipartite_normalized_adjacency(random_bipartite(nu, ni, 40, seed=5), nu, ni)
+    x = torch.randn(nu + ni, 4, dtype=torch.float64)
+    users = torch.tensor([2, 11, 2])
+    layer = UserItemPropagation(2)
+    expected = layer(x, to_adjacency(index, weight.double(), nu + ni))
+    csr = torch.sparse_coo_tensor(index, weight.double(), (nu + ni, nu + ni)).to_sparse_csr()
+    for adj in (csr, to_adjacency(index, weight.double(), nu + ni, backend="edge_index")):
+        user_rows, item_rows = layer.forward_rows(x, adj, nu, users)
+        torch.testing.assert_close(user_rows, expected[users])
+        torch.testing.assert_close(item_rows, expected[nu:])

@@ -199,11 +199,13 @@ class CM3(Recommender):
         x0 = normalized_concat(
             [[user, item] for user, item in zip(user_channels, item_channels, strict=True)]
         )
-        h = self.propagation(x0, ui_adj)
-        user_h, item_h = split_users_items(h, self.num_users)
         logits = self.user_channel_logits
-        if users is not None:
-            user_h, logits = user_h.index_select(0, users), logits.index_select(0, users)
+        if users is None:
+            user_h, item_h = split_users_items(self.propagation(x0, ui_adj), self.num_users)
+        else:
+            # Only these users' rows: the last layer skips the other users.
+            user_h, item_h = self.propagation.forward_rows(x0, ui_adj, self.num_users, users)
+            logits = logits.index_select(0, users)
         weights = torch.softmax(logits, dim=-1).unsqueeze(-1)
         user = (user_h.view(user_h.size(0), self.num_channels, -1) * weights).flatten(1)
         if item_adj is not None:

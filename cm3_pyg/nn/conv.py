@@ -65,6 +65,32 @@ class UserItemPropagation(MessagePassing):
             self.combine,
         )
 
+    def forward_rows(
+        self, x: Tensor, adj_t: Any, num_users: int, users: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(out[users], out[num_users:])`` of :meth:`forward` on a user-item graph (users
+        first): the rows a training batch reads.
+
+        With a symmetric bipartite CSR :class:`~cm3_pyg.nn.sparse.SparseAdjacency` the last
+        layer is formed only for those rows
+        (:meth:`~cm3_pyg.nn.sparse.SparseAdjacency.propagate_rows`); otherwise the full
+        output is split and gathered. Same values and gradients either way.
+
+        Args:
+            x: ``[U + I, F]``.
+            adj_t: as :meth:`forward` (no ``edge_index`` form).
+            num_users: ``U``.
+            users: ``[B]`` user ids.
+
+        Returns:
+            ``[B, F]`` and ``[I, F]``.
+        """
+        if isinstance(adj_t, SparseAdjacency):
+            return adj_t.propagate_rows(x, self.num_layers, self.combine, num_users, users)
+        out = self(x, adj_t)
+        user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
+        return user_rows.index_select(0, users), item_rows
+
     def message(self, x_j: Tensor, edge_weight: Tensor | None) -> Tensor:
         return x_j if edge_weight is None else x_j * edge_weight.view(-1, 1)
 

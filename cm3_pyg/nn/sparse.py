@@ -198,6 +198,92 @@ class _CSRLayerSum(torch.autograd.Function):
         return None, None, result, None, None
 
 
+class _BatchRowsLayerSum(torch.autograd.Function):
+    r"""The rows ``users`` and all item rows of ``combine(x, A x, ..., A^L x)`` for a symmetric
+    bipartite ``A = [[0, R], [R^T, 0]]`` (users first), ``L >= 1``.
+
+    Layers ``1 .. L-1`` are full products; the last one is formed only for the requested
+    rows: :math:`R_{B,:} h_I` for the users ``B`` and :math:`R^\top h_U` for the items.
+    The backward starts with the transpose of that restricted step,
+    :math:`[R\,G_I;\ R^\top G_B]` (``G_B`` embedded in zeros), then continues with
+    Horner's rule over the full matrix as :class:`_CSRLayerSum` does. So the forward's last
+    layer skips the other users' rows (their products and sums); the backward costs what
+    the full propagation's does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        matrix: Tensor,
+        user_item: Tensor,
+        item_user: Tensor,
+        batch: Tensor,
+        x: Tensor,
+        users: Tensor,
+        num_layers: int,
+        combine: str,
+    ) -> tuple[Tensor, Tensor]:
+        num_users = user_item.size(0)
+        keep = combine != "last"
+        h = x
+        if keep:
+            total_users = x.index_select(0, users)
+            total_items = x[num_users:].clone()
+        for _ in range(num_layers - 1):
+            h = _csr_mm(matrix, h)
+            if keep:
+                total_users.add_(h.index_select(0, users))
+                total_items.add_(h[num_users:])
+        last_users = _csr_mm(batch, h[num_users:])
+        last_items = _csr_mm(item_user, h[:num_users])
+        ctx.matrix, ctx.user_item, ctx.item_user = matrix, user_item, item_user
+        ctx.num_layers, ctx.combine = num_layers, combine
+        ctx.save_for_backward(users)
+        if not keep:
+            return last_users, last_items
+        total_users.add_(last_users)
+        total_items.add_(last_items)
+        if combine == "mean":
+            total_users.div_(num_layers + 1)
+            total_items.div_(num_layers + 1)
+        return total_users, total_items
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_users: Tensor | None, grad_items: Tensor | None) -> tuple[Any, ...]:
+        if not ctx.needs_input_grad[4]:
+            return (None,) * 8
+        (users,) = ctx.saved_tensors
+        user_item, item_user, matrix = ctx.user_item, ctx.item_user, ctx.matrix
+        num_users, num_items = user_item.shape
+        width = (grad_users if grad_users is not None else grad_items).size(1)
+        if grad_users is None:
+            grad_users = user_item.values().new_zeros(users.numel(), width)
+        if grad_items is None:
+            grad_items = grad_users.new_zeros(num_items, width)
+        if ctx.combine == "mean":
+            grad_users = grad_users / (ctx.num_layers + 1)
+            grad_items = grad_items / (ctx.num_layers + 1)
+        keep = ctx.combine != "last"
+        # Transpose of the restricted last layer (A is symmetric): R G_I for the users and
+        # R^T G_B for the items, the latter as a CSR product over the batch users' rows
+        # embedded in zeros (batch users hold most entries: a scatter is slower).
+        embedded = grad_users.new_zeros(num_users, grad_users.size(1))
+        embedded.index_add_(0, users, grad_users)
+        result_items = _csr_mm(item_user, embedded)
+        result_users = _csr_mm(user_item, grad_items)
+        if keep:
+            result_users.add_(embedded)
+            result_items.add_(grad_items)
+        result = torch.cat([result_users, result_items])
+        for _ in range(ctx.num_layers - 1):
+            result = _csr_mm(matrix, result)
+            if keep:
+                result[num_users:].add_(grad_items)
+                result.index_add_(0, users, grad_users)
+        return (None, None, None, None, result, None, None, None)
+
+
 class SparseAdjacency:
     """A fixed sparse ``[R, C]`` matrix prepared for one kernel; ``adj @ x`` is differentiable.
 
@@ -228,6 +314,7 @@ class SparseAdjacency:
             symmetric = self.shape[0] == self.shape[1] and _is_symmetric(row, col, value)
         self.symmetric = symmetric
         self._csr_pair: tuple[Tensor, Tensor] | None = None
+        self._bipartite: dict[int, tuple[Tensor, Tensor] | None] = {}
         self._kernel: Callable[[Tensor], Tensor] = self._build()
 
     def _build(self) -> Callable[[Tensor], Tensor]:
@@ -303,6 +390,68 @@ class SparseAdjacency:
             return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
         return combine_layers(self._kernel, x, num_layers, combine)
 
+    def _bipartite_blocks(self, num_users: int) -> tuple[Tensor, Tensor] | None:
+        """CSR ``R`` ``[U, I]`` and ``R^T`` ``[I, U]`` when this is a symmetric CSR matrix
+        ``[[0, R], [R^T, 0]]`` with ``U = num_users``; ``None`` otherwise (cached)."""
+        if num_users not in self._bipartite:
+            blocks = None
+            n = self.shape[0]
+            if self.backend == "csr" and self.symmetric and 0 < num_users < n:
+                in_user_rows = self.row < num_users
+                if bool(((self.col >= num_users) == in_user_rows).all()):
+                    row, col, value = self.row, self.col, self.value
+                    # Entries are row-major sorted: the user rows come first.
+                    head = int(in_user_rows.sum())
+                    user_item = _csr(
+                        row[:head], col[:head] - num_users, value[:head], (num_users, n - num_users)
+                    )
+                    item_user = _csr(
+                        row[head:] - num_users, col[head:], value[head:], (n - num_users, num_users)
+                    )
+                    blocks = (user_item, item_user)
+            self._bipartite[num_users] = blocks
+        return self._bipartite[num_users]
+
+    def propagate_rows(
+        self,
+        x: Tensor,
+        num_layers: int,
+        combine: str,
+        num_users: int,
+        users: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """``(out[users], out[num_users:])`` of :meth:`propagate` for a user-item graph.
+
+        For a symmetric bipartite CSR matrix (the normalised user-item graph, users first)
+        on CPU, the last layer is formed only for the rows ``users`` and the items
+        (:class:`_BatchRowsLayerSum`): the same values and gradients as the full
+        propagation's rows. Otherwise this is the full propagation, split and gathered.
+
+        Args:
+            x: ``[N, F]`` node input (users first).
+            num_layers: ``L``.
+            combine: as :meth:`propagate`.
+            num_users: ``U``.
+            users: ``[B]`` user ids in ``[0, U)``.
+        """
+        blocks = self._bipartite_blocks(num_users) if x.device.type == "cpu" else None
+        if blocks is None or num_layers == 0:
+            out = self.propagate(x, num_layers, combine)
+            user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
+            return user_rows.index_select(0, users), item_rows
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if x.size(0) != self.shape[1]:
+            raise ValueError(
+                f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
+            )
+        user_item, item_user = blocks
+        batch = _gather_rows(user_item, users)
+        matrix = self._csr_pair[0]  # set for the csr backend
+        return _BatchRowsLayerSum.apply(
+            matrix, user_item, item_user, batch, x, users, num_layers, combine
+        )
+
     def to(self, target: torch.device | str | torch.dtype) -> SparseAdjacency:
         """A copy on another device (``torch.device``/str) or with another value dtype."""
         if isinstance(target, torch.dtype):
@@ -331,6 +480,27 @@ class SparseAdjacency:
         return (
             f"SparseAdjacency(shape={list(self.shape)}, nnz={self.nnz}, backend={self.backend!r}, "
             f"symmetric={self.symmetric})"
+        )
+
+
+def _gather_rows(matrix: Tensor, rows: Tensor) -> Tensor:
+    """The rows ``rows`` of a CSR ``matrix``, as a CSR ``[len(rows), C]`` tensor."""
+    crow, col, value = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+    starts = crow.index_select(0, rows)
+    lengths = crow.index_select(0, rows + 1) - starts
+    batch_crow = torch.zeros(rows.numel() + 1, dtype=crow.dtype, device=crow.device)
+    torch.cumsum(lengths, 0, out=batch_crow[1:])
+    total = int(batch_crow[-1])
+    entries = torch.repeat_interleave(starts - batch_crow[:-1], lengths, output_size=total)
+    entries += torch.arange(total, device=crow.device)
+    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on mm
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            batch_crow,
+            col.index_select(0, entries),
+            value.index_select(0, entries),
+            (rows.numel(), matrix.size(1)),
+            check_invariants=False,
         )
 
 
