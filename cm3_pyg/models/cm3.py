@@ -241,9 +241,12 @@ class CM3(Recommender):
         order), their inverse map and counts, and the full item tables."""
         u_unique = normalize_rows(user_rows)
         u = u_unique.index_select(0, users_inverse)
-        i = normalize_rows(item.index_select(0, pos_items))
         neg_unique, neg_count = torch.unique(neg_items, return_counts=True)
-        j = normalize_rows(item.index_select(0, neg_unique))
+        # One gather of the positives' and the negatives' rows: one gradient scatter into
+        # the [I, (M+1) d] table instead of two zero-filled tables added together.
+        i, j = normalize_rows(item.index_select(0, torch.cat([pos_items, neg_unique]))).split(
+            [pos_items.numel(), neg_unique.numel()]
+        )
         sim = ClampedCosineSimilarity(fused.index_select(0, neg_unique), self.min_sim, self.max_sim)
         uniform = uniformity_loss(
             u_unique, self.temperature, counts=users_count
