@@ -20,6 +20,7 @@ from cm3_pyg.nn import (
     SphericalBezierFusion,
     calibrated_uniformity_loss,
     cosine_similarity_matrix,
+    feature_linear,
     normalize_rows,
     normalized_concat,
     slerp,
@@ -102,6 +103,32 @@ def test_normalized_concat_matches_divide_by_norm_and_cat(widths: tuple[int, ...
     torch.testing.assert_close(
         normalized_concat(small), expected.detach().float(), atol=1e-6, rtol=0
     )
+
+
+@pytest.mark.parametrize("width", [8, 2048])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_feature_linear_matches_f_linear(width: int, with_bias: bool, input_grad: bool):
+    # 2048 columns take the transposed weight-gradient GEMM, 8 the autograd path.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, width, generator=g, dtype=torch.float64)
+    w = torch.randn(5, width, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if with_bias else None
+    up = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(input_grad), w.clone().requires_grad_()]
+    twins = [x.clone().requires_grad_(input_grad), w.clone().requires_grad_()]
+    if b is not None:
+        leaves.append(b.clone().requires_grad_())
+        twins.append(b.clone().requires_grad_())
+    got = feature_linear(*leaves)
+    assert ("FeatureLinear" in type(got.grad_fn).__name__) == (width >= 2048)
+    want = F.linear(*twins)
+    torch.testing.assert_close(got, want)
+    wanted = [t for t in leaves if t.requires_grad]
+    ours = torch.autograd.grad((got * up).sum(), wanted)
+    theirs = torch.autograd.grad((want * up).sum(), [t for t in twins if t.requires_grad])
+    for a, c in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, c)
 
 
 def test_normalized_concat_validation() -> None:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
@@ -18,6 +17,7 @@ from cm3_pyg.nn import (
     UserItemPropagation,
     alignment_loss,
     calibrated_uniformity_loss,
+    feature_linear,
     normalize_rows,
     normalized_concat,
     propagate_item_graph,
@@ -184,7 +184,7 @@ class CM3(Recommender):
             first, activation, second = encoder
             # The encoder's first layer and the fusion projection read the same features:
             # one GEMM over the stacked weights reads [I, d_m] once (same values as two).
-            both = F.linear(
+            both = feature_linear(
                 x, torch.cat([first.weight, proj.weight]), torch.cat([first.bias, proj.bias])
             )
             hidden, p = both.split([first.out_features, proj.out_features], dim=-1)

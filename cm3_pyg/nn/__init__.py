@@ -1,7 +1,7 @@
 """Layers, fusion and losses: tensor-in, tensor-out building blocks for PyG models."""
 
 from cm3_pyg.nn.conv import UserItemPropagation, propagate_item_graph
-from cm3_pyg.nn.functional import normalize_rows, normalized_concat
+from cm3_pyg.nn.functional import feature_linear, normalize_rows, normalized_concat
 from cm3_pyg.nn.fusion import SphericalBezierFusion, slerp
 from cm3_pyg.nn.losses import (
     ClampedCosineSimilarity,
@@ -32,6 +32,7 @@ __all__ = [
     "calibrated_uniformity_loss",
     "choose_backend",
     "cosine_similarity_matrix",
+    "feature_linear",
     "info_nce_loss",
     "normalize_rows",
     "normalized_concat",
