@@ -304,3 +304,14 @@ def test_batch_rows_of_an_edge_index_graph_and_a_torch_csr_tensor():
         user_rows, item_rows = layer.forward_rows(x, adj, nu, users)
         torch.testing.assert_close(user_rows, expected[users])
         torch.testing.assert_close(item_rows, expected[nu:])
+
+
+def test_batch_rows_validate_the_user_ids():
+    nu, ni = 6, 4
+    index, weight = bipartite_normalized_adjacency(random_bipartite(nu, ni, 12, seed=1), nu, ni)
+    adj = to_adjacency(index, weight, nu + ni)
+    x = torch.randn(nu + ni, 3)
+    with pytest.raises(ValueError, match=r"users must lie in \[0, 6\), got ids from 0 to 6"):
+        adj.propagate_rows(x, 2, "sum", nu, torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        adj.propagate_rows(x, 2, "sum", nu, torch.tensor([0.0, 1.0]))

@@ -434,6 +434,18 @@ class SparseAdjacency:
             num_users: ``U``.
             users: ``[B]`` user ids in ``[0, U)``.
         """
+        if users.dim() != 1 or users.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                "users must be a 1-D integer tensor, "
+                f"got shape {list(users.shape)} of {users.dtype}"
+            )
+        # Checked where it is free: on an accelerator it would be a host sync per batch.
+        on_cpu = users.device.type == "cpu"
+        if on_cpu and users.numel() and (int(users.min()) < 0 or int(users.max()) >= num_users):
+            raise ValueError(
+                f"users must lie in [0, {num_users}), got ids from {int(users.min())} "
+                f"to {int(users.max())}"
+            )
         blocks = self._bipartite_blocks(num_users) if x.device.type == "cpu" else None
         if blocks is None or num_layers == 0:
             out = self.propagate(x, num_layers, combine)
