@@ -377,6 +377,13 @@ class SparseAdjacency:
         Horner's rule backward); other backends loop over :meth:`matmul`. Both compute the
         same values.
         """
+        self._check_propagation(x, combine)
+        if self._csr_pair is not None:
+            matrix, matrix_t = self._csr_pair
+            return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
+        return combine_layers(self._kernel, x, num_layers, combine)
+
+    def _check_propagation(self, x: Tensor, combine: str) -> None:
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"propagate needs a square adjacency, got shape {list(self.shape)}")
         if combine not in COMBINE_MODES:
@@ -385,10 +392,6 @@ class SparseAdjacency:
             raise ValueError(
                 f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
             )
-        if self._csr_pair is not None:
-            matrix, matrix_t = self._csr_pair
-            return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
-        return combine_layers(self._kernel, x, num_layers, combine)
 
     def _bipartite_blocks(self, num_users: int) -> tuple[Tensor, Tensor] | None:
         """CSR ``R`` ``[U, I]`` and ``R^T`` ``[I, U]`` when this is a symmetric CSR matrix
@@ -451,12 +454,7 @@ class SparseAdjacency:
             out = self.propagate(x, num_layers, combine)
             user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
             return user_rows.index_select(0, users), item_rows
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-        if x.size(0) != self.shape[1]:
-            raise ValueError(
-                f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
-            )
+        self._check_propagation(x, combine)
         user_item, item_user = blocks
         batch = _gather_rows(user_item, users)
         matrix = self._csr_pair[0]  # set for the csr backend
