@@ -164,8 +164,7 @@ def _autograd_slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.
     """slerp's coefficients differentiated by autograd (the reference for its hand backward)."""
     from cm3_pyg.nn.fusion import _combine, _slerp_coefficients
 
-    terms = _slerp_coefficients(a, b, t)
-    return _combine(a, b, terms.coef_a, terms.coef_b, terms)
+    return _combine(a, b, _slerp_coefficients(a, b, t))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -68,8 +68,7 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
         t = t.unsqueeze(-1)
     if a.dim() == 2 and not t.requires_grad:
         return _Slerp.apply(a, b, t)
-    coefficients = _slerp_coefficients(a, b, t)
-    return _combine(a, b, coefficients.coef_a, coefficients.coef_b, coefficients)
+    return _combine(a, b, _slerp_coefficients(a, b, t))
 
 
 class _SlerpTerms(NamedTuple):
@@ -148,8 +147,11 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: Tensor) -> _SlerpTerms:
     )  # fmt: skip
 
 
-def _combine(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, terms: _SlerpTerms) -> Tensor:
-    return torch.addcmul(coef_a * a, coef_b, b).scatter_add(-1, terms.axis, terms.coef_e)
+def _combine(a: Tensor, b: Tensor, terms: _SlerpTerms) -> Tensor:
+    """``c_a a + c_b b + c_e e_k`` from :func:`_slerp_coefficients`."""
+    return torch.addcmul(terms.coef_a * a, terms.coef_b, b).scatter_add(
+        -1, terms.axis, terms.coef_e
+    )
 
 
 def _sinc_slope(x: Tensor) -> Tensor:
@@ -174,7 +176,7 @@ class _Slerp(torch.autograd.Function):
         terms = _slerp_coefficients(a, b, t)
         ctx.terms = terms
         ctx.save_for_backward(a, b, t)
-        return _combine(a, b, terms.coef_a, terms.coef_b, terms)
+        return _combine(a, b, terms)
 
     @staticmethod
     @once_differentiable

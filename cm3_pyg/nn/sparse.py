@@ -268,7 +268,7 @@ class _BatchRowsLayerSum(torch.autograd.Function):
         # Transpose of the restricted last layer (A is symmetric): R G_I for the users and
         # R^T G_B for the items, the latter as a CSR product over the batch users' rows
         # embedded in zeros (batch users hold most entries: a scatter is slower).
-        embedded = grad_users.new_zeros(num_users, grad_users.size(1))
+        embedded = grad_users.new_zeros(num_users, width)
         embedded.index_add_(0, users, grad_users)
         result_items = _csr_mm(item_user, embedded)
         result_users = _csr_mm(user_item, grad_items)
