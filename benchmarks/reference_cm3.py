@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.scales import MMREC_FEATURE_DIMS, generated_features
-from cm3_pyg.cli import DATA_ROOT_ENV
+from cm3_pyg.data.loading import DATA_ROOT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 #: ``$CM3_DATA_ROOT`` or ``../shared/data`` beside the repository.

@@ -178,9 +178,9 @@ def load_scale(scale: str, data_root: str | None, cache_dir: str | None) -> Any:
     if data_root is None:
         raise SystemExit(f"scale {scale!r} needs --data-root or $CM3_DATA_ROOT")
     if scale == "tiktok":
-        from cm3_pyg.cli import load_data
+        from cm3_pyg.data.loading import load_dataset
 
-        return load_data(data_root, "tiktok", cache_dir=cache_dir)[0]
+        return load_dataset(data_root, "tiktok", cache_dir=cache_dir)[0]
     from benchmarks.scales import amazon_with_generated_features
 
     return amazon_with_generated_features(data_root, scale, cache_dir=cache_dir)

@@ -13,57 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch_geometric.data import HeteroData
-
-from cm3_pyg.data import MMRecDataset, make_synthetic
+from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CM3Error, NonFiniteLossError
-from cm3_pyg.models import MODELS, get_model_class
+from cm3_pyg.models import available_models, get_model_class
 from cm3_pyg.training import load_config, parse_overrides, run_experiment
 from cm3_pyg.training.memory import retain_freed_memory
 
-DATA_ROOT_ENV = "CM3_DATA_ROOT"
+__all__ = ["DATA_ROOT_ENV", "build_parser", "main"]
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
-
-
-def load_data(
-    data_root: str | None,
-    dataset: str | None,
-    cache_dir: str | None = None,
-    modalities: Sequence[str] | None = None,
-    duplicates: str = "warn",
-    synthetic_size: tuple[int, int] | None = None,
-    inter: str | None = None,
-) -> tuple[HeteroData, str]:
-    """``(data, name)`` for the command-line entry points.
-
-    ``dataset`` under ``data_root`` (or ``$CM3_DATA_ROOT``) when a dataset is named, else
-    the embedded synthetic data (``synthetic_size = (users, items)`` overrides its size).
-    ``inter`` picks another ``<inter>.inter`` file of the folder (another split of the
-    same graph, e.g. ``baby_diffmm_split``); the returned name is then that stem.
-    """
-    data_root = data_root or (os.environ.get(DATA_ROOT_ENV) if dataset else None)
-    if dataset and not data_root:
-        raise CM3Error(f"--dataset {dataset} needs --data-root or ${DATA_ROOT_ENV}")
-    if data_root and not dataset:
-        raise CM3Error("--data-root needs --dataset NAME (a folder under the data root)")
-    if inter and not dataset:
-        raise CM3Error(f"--inter {inter} needs --dataset NAME (the folder holding it)")
-    if inter and (Path(inter).name != inter or inter.endswith(".inter")):
-        raise CM3Error(f"--inter: expected a file stem such as baby_diffmm_split, got {inter!r}")
-    if dataset:
-        folder = MMRecDataset(
-            Path(data_root) / dataset,
-            name=inter or dataset,
-            modalities=modalities,
-            cache_dir=cache_dir,
-            duplicates=duplicates,
-        )
-        return folder[0], inter or dataset
-    if synthetic_size is None:
-        return make_synthetic(), "synthetic"
-    users, items = synthetic_size
-    return make_synthetic(num_users=users, num_items=items), "synthetic"
 
 
 def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
@@ -73,7 +31,9 @@ def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
             "arguments it trains on the embedded synthetic dataset."
         )
     )
-    parser.add_argument("--model", default=default_model, choices=sorted(MODELS), help="model name")
+    parser.add_argument(
+        "--model", default=default_model, choices=available_models(), help="model name"
+    )
     parser.add_argument(
         "--data-root",
         default=None,
@@ -135,7 +95,7 @@ def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
         if args.seed is not None:
             overrides["seed"] = args.seed
         config = load_config(model_cls.default_config(), args.config, overrides)
-        data, name = load_data(
+        data, name = load_dataset(
             args.data_root,
             args.dataset,
             cache_dir=args.cache_dir,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from cm3_pyg.cli import DATA_ROOT_ENV, load_data
+from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
     GRID_MODES,
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duplicates = overrides.get(
             "duplicate_interactions", training_defaults()["duplicate_interactions"]
         )
-        data, name = load_data(
+        data, name = load_dataset(
             args.data_root,
             args.dataset,
             cache_dir=args.cache_dir,

@@ -481,7 +481,7 @@ def test_tiktok_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_load_data_reads_another_split_file_of_the_folder(small_folder):
-    from cm3_pyg.cli import load_data
+    from cm3_pyg.data.loading import load_dataset
     from cm3_pyg.errors import CM3Error
 
     # A second split of the same graph: per user, the first row is test, the second
@@ -495,14 +495,14 @@ def test_load_data_reads_another_split_file_of_the_folder(small_folder):
         relabelled.append("\t".join([user, item, "2" if k == 0 else "1" if k == 1 else "0"]))
     seen = set(position)
     (small_folder / "other_split.inter").write_text("\n".join([header, *relabelled]) + "\n")
-    data, name = load_data(str(small_folder.parent), "small", inter="other_split")
+    data, name = load_dataset(str(small_folder.parent), "small", inter="other_split")
     assert name == "other_split"
     store = data["user", "rates", "item"]
     assert store.test_edge_index.size(1) == len(seen)
-    default, default_name = load_data(str(small_folder.parent), "small")
+    default, default_name = load_dataset(str(small_folder.parent), "small")
     assert default_name == "small"
     assert default["user", "rates", "item"].test_edge_index.size(1) != len(seen)
     with pytest.raises(CM3Error, match="expected a file stem"):
-        load_data(str(small_folder.parent), "small", inter="other_split.inter")
+        load_dataset(str(small_folder.parent), "small", inter="other_split.inter")
     with pytest.raises(CM3Error, match="needs --dataset"):
-        load_data(None, None, inter="other_split")
+        load_dataset(None, None, inter="other_split")

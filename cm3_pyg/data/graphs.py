@@ -303,11 +303,12 @@ def modality_weights(
             raise ConfigError(f"weights must not all be zero, got {dict(weights)}")
         return [value / total for value in raw]
 
-    if mm_image_weight is not None and len(mods) == 2 and "image" in mods:
+    if mm_image_weight is not None:
         w_img = float(mm_image_weight)
         if not math.isfinite(w_img) or not 0.0 <= w_img <= 1.0:
             raise ConfigError(f"mm_image_weight must lie in [0, 1], got {mm_image_weight!r}")
-        return [w_img if m == "image" else 1.0 - w_img for m in mods]
+        if len(mods) == 2 and "image" in mods:
+            return [w_img if m == "image" else 1.0 - w_img for m in mods]
 
     return [1.0 / len(mods)] * len(mods)
 

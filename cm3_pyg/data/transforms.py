@@ -49,7 +49,8 @@ class ModalityKNNGraph(BaseTransform):
         k: Neighbours per item (reference ``knn_k = 10``).
         weights: Optional explicit modality -> weight map (must name every modality).
         mm_image_weight: Image weight when there are exactly two modalities, one of them
-            ``'image'`` (reference 0.1); ``None`` for uniform weights.
+            ``'image'`` (the training default, 0.1, is the reference's); ``None`` for
+            uniform weights. Checked by :func:`~cm3_pyg.data.graphs.modality_weights`.
         block_size: Rows per similarity block (default: ~256 MiB per block).
     """
 
@@ -57,7 +58,7 @@ class ModalityKNNGraph(BaseTransform):
         self,
         k: int = 10,
         weights: Mapping[str, float] | None = None,
-        mm_image_weight: float | None = 0.1,
+        mm_image_weight: float | None = None,
         block_size: int | None = None,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -66,8 +67,6 @@ class ModalityKNNGraph(BaseTransform):
             isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
         ):
             raise ConfigError(f"block_size must be a positive int or None, got {block_size!r}")
-        if mm_image_weight is not None and not 0.0 <= float(mm_image_weight) <= 1.0:
-            raise ConfigError(f"mm_image_weight must lie in [0, 1], got {mm_image_weight!r}")
         self.k = k
         self.weights = dict(weights) if weights is not None else None
         self.mm_image_weight = mm_image_weight

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,50 +34,21 @@ def split_users_items(h: Tensor, num_users: int) -> tuple[Tensor, Tensor]:
     return user, item
 
 
-def adjacency_backend(adj: Any) -> str:
-    """The kernel of ``adj`` (a :class:`~cm3_pyg.nn.sparse.SparseAdjacency` names its own)."""
-    if isinstance(adj, SparseAdjacency):
-        return adj.backend
-    return "csr" if isinstance(adj, Tensor) else "torch_sparse"
-
-
-def adjacency_coo(adj: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """``(row, col, value)`` of a :class:`~cm3_pyg.nn.sparse.SparseAdjacency`, a torch sparse
-    (CSR/COO) tensor or a ``SparseTensor``."""
-    if isinstance(adj, SparseAdjacency):
-        return adj.row, adj.col, adj.value
-    if isinstance(adj, Tensor):
-        if adj.layout == torch.sparse_csr:
-            crow = adj.crow_indices()
-            counts = crow[1:] - crow[:-1]
-            row = torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
-            return row, adj.col_indices(), adj.values()
-        if adj.is_sparse:
-            adj = adj.coalesce()
-            index = adj.indices()
-            return index[0], index[1], adj.values()
-        raise TypeError(f"expected a sparse adjacency, got a dense tensor of layout {adj.layout}")
-    row, col, value = adj.coo()
-    if value is None:
-        value = torch.ones(row.numel(), device=row.device)
-    return row, col, value
-
-
-def user_item_edges(ui_adj: Any, num_users: int) -> tuple[Tensor, Tensor]:
+def user_item_edges(ui_adj: SparseAdjacency, num_users: int) -> tuple[Tensor, Tensor]:
     """The user-item block of a normalised ``[U + I, U + I]`` adjacency (users first).
 
     Returns:
         ``(edge_index [2, E], weight [E])`` with row = user id, col = item id (``0..I-1``)
         and the stored normalised weights.
     """
-    row, col, value = adjacency_coo(ui_adj)
+    row, col, value = ui_adj.row, ui_adj.col, ui_adj.value
     mask = (row < num_users) & (col >= num_users)
     return torch.stack([row[mask], col[mask] - num_users]), value[mask]
 
 
 def symmetric_bipartite_adjacency(
     edge_index: Tensor, num_users: int, num_items: int, backend: str
-) -> Any:
+) -> SparseAdjacency:
     r""":math:`D^{-1/2} A D^{-1/2}` over the ``U + I`` nodes, as a sparse adjacency.
 
     The degrees are those of the given edges only (used after pruning edges); the

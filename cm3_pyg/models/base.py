@@ -1,20 +1,41 @@
-"""The small interface every recommender in :mod:`cm3_pyg.models` implements.
+"""The one interface every recommender in :mod:`cm3_pyg.models` implements.
 
-A model is built from plain numbers (``from_config``) and run on :class:`GraphInputs`,
-a bundle of tensors (features and pre-normalised adjacencies). Models never see a
-dataset; the training package converts a ``HeteroData`` into ``GraphInputs`` once.
+A model is built from plain numbers and run on :class:`GraphInputs`, a bundle of tensors
+(features and pre-normalised adjacencies); models never see a dataset. Its training loss is
+split into the parts a user may want to swap or inspect (:class:`LossTerms`):
+
+* the **ranking objective** on the scores of ``(user, positive)`` and ``(user, negative)``
+  (:attr:`Recommender.objective`, BPR by default, chosen by the ``objective`` config key);
+* the model's own **auxiliary losses** (already weighted), e.g. FREEDOM's modality BPR
+  terms or SEA's CLUB bound and Solosimloss;
+* its **regulariser** (already weighted).
+
+A model whose method *is* its objective (CM3's alignment + calibrated uniformity, BM3's
+bootstrap loss) sets :attr:`Recommender.objectives` to ``()`` and overrides
+:meth:`Recommender.loss_terms`; asking it for another objective is a clear error.
+
+Sub-networks fitted by their own optimiser (SEA's CLUB network) are declared as
+:class:`InnerProblem` s: their parameters belong to the module tree (so ``.to()``,
+``state_dict()`` and checkpoints see them) but not to the outer optimiser, and the trainer
+runs their inner steps and checkpoints their optimisers.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import yaml
 from torch import Tensor
+
+from cm3_pyg.nn.objectives import make_objective, objective_names
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 @dataclass
@@ -26,7 +47,7 @@ class GraphInputs:
         num_items: ``I``.
         features: per modality ``[I, d_m]`` float tensors, in fusion order.
         modalities: names of ``features``.
-        ui_adj: normalised ``[U + I, U + I]`` user-item adjacency (users first), sparse.
+        ui_adj: normalised ``[U + I, U + I]`` user-item adjacency (users first).
         item_adj: normalised ``[I, I]`` item-item graph (``out = item_adj @ h``), or ``None``.
     """
 
@@ -34,9 +55,8 @@ class GraphInputs:
     num_items: int
     features: list[Tensor]
     modalities: list[str]
-    ui_adj: Any
-    item_adj: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    ui_adj: SparseAdjacency
+    item_adj: SparseAdjacency | None = None
 
     @property
     def feature_dims(self) -> list[int]:
@@ -51,15 +71,115 @@ class GraphInputs:
             modalities=list(self.modalities),
             ui_adj=self.ui_adj.to(device),
             item_adj=None if self.item_adj is None else self.item_adj.to(device),
-            extras={k: v.to(device) if hasattr(v, "to") else v for k, v in self.extras.items()},
         )
 
 
-class Recommender(torch.nn.Module):
-    """Base class: training loss on a batch, deterministic embeddings, top-k recommendation.
+class Batch(NamedTuple):
+    """One training batch: ``[B]`` users, their positive items and sampled negatives."""
 
-    Subclasses set ``name`` and implement :meth:`from_config`, :meth:`training_loss` and
-    :meth:`embed`. Scores are dot products of the embeddings ``embed`` returns.
+    users: Tensor
+    pos_items: Tensor
+    neg_items: Tensor
+
+
+class BatchRows(NamedTuple):
+    """What a pairwise model's training forward gives for one batch.
+
+    Attributes:
+        user: ``[B, D]`` scoring rows of the batch's users.
+        pos: ``[B, D]`` rows of their positive items.
+        neg: ``[B, D]`` rows of the negatives.
+        out: whatever else the model's auxiliary losses and regulariser read (e.g. the full
+            propagated tables); ``None`` if nothing.
+    """
+
+    user: Tensor
+    pos: Tensor
+    neg: Tensor
+    out: Any = None
+
+
+@dataclass
+class LossTerms:
+    """The parts of one batch's training loss.
+
+    Attributes:
+        ranking: the ranking objective's value (for a pairwise model: the objective on
+            ``score(u, i)`` and ``score(u, j)``, times the model's ``ranking_weight``).
+        auxiliary: the model's own further losses, each already weighted, in summation
+            order.
+        regularization: the weighted regulariser (``0`` if the model has none).
+        inner_inputs: for each :class:`InnerProblem` (by name) the detached data its inner
+            steps fit on (read by the trainer after this batch's loss).
+    """
+
+    ranking: Tensor
+    auxiliary: dict[str, Tensor] = field(default_factory=dict)
+    regularization: Tensor | float = 0.0
+    inner_inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Tensor:
+        """``ranking + auxiliary terms (in order) + regularization``."""
+        total = self.ranking
+        for term in self.auxiliary.values():
+            total = total + term
+        if isinstance(self.regularization, float) and self.regularization == 0.0:
+            return total
+        return total + self.regularization
+
+    def as_floats(self) -> dict[str, float]:
+        """Every term as a Python float (for logging)."""
+        out = {"ranking": float(self.ranking.detach())}
+        out.update({k: float(v.detach()) for k, v in self.auxiliary.items()})
+        reg = self.regularization
+        out["regularization"] = float(reg.detach()) if isinstance(reg, Tensor) else float(reg)
+        return out
+
+
+@dataclass(frozen=True)
+class InnerProblem:
+    """A sub-network fitted by its own optimiser, ``steps`` Adam steps after every batch.
+
+    Attributes:
+        name: key of its data in :attr:`LossTerms.inner_inputs` and of its optimiser state
+            in checkpoints.
+        module: the sub-network (a registered submodule of the model).
+        steps: inner steps per training batch (``0``: never fitted).
+        lr: the inner Adam's learning rate; ``None`` takes the run's ``learning_rate``.
+    """
+
+    name: str
+    module: torch.nn.Module
+    steps: int
+    lr: float | None = None
+
+
+#: Constructor argument name -> config key, where the config uses MMRec's name. Every other
+#: constructor argument is its own config key.
+CONFIG_KEYS: dict[str, str] = {
+    "embedding_dim": "embedding_size",
+    "num_layers": "n_layers",
+    "num_ui_layers": "n_ui_layers",
+    "num_mm_layers": "n_mm_layers",
+    "temperature": "temp",
+}
+#: Constructor arguments filled from the data (:class:`GraphInputs`), not from the config.
+SIZE_ARGUMENTS: tuple[str, ...] = ("num_users", "num_items", "feature_dims")
+
+_REGISTRY: dict[str, type[Recommender]] = {}
+
+
+class Recommender(torch.nn.Module):
+    """Base class: separated training-loss terms, deterministic embeddings, top-k lists.
+
+    A subclass sets :attr:`name`, declares its hyper-parameters as keyword arguments of
+    ``__init__`` with their defaults (the one source of the model's defaults; config keys
+    per :data:`CONFIG_KEYS`), and implements :meth:`compute_embeddings` and either
+    :meth:`batch_rows` (pairwise models: the objective is swappable) or
+    :meth:`loss_terms` (models whose method is their objective). Defining the subclass
+    registers it by name; the YAML beside its module holds training overrides and the
+    ``grid`` of its search space.
     """
 
     name: ClassVar[str] = ""
@@ -67,50 +187,201 @@ class Recommender(torch.nn.Module):
     min_modalities: ClassVar[int] = 0
     #: Whether the model reads ``GraphInputs.item_adj`` (the modality kNN graph).
     uses_item_graph: ClassVar[bool] = False
+    #: Ranking objectives the model accepts (the first is its default); ``()`` for a model
+    #: whose method is its own objective.
+    objectives: ClassVar[tuple[str, ...]] = ("bpr",)
+    #: For a model with ``objectives = ()``: what its objective is (for error messages).
+    own_objective: ClassVar[str] = ""
+    #: Factor on the ranking objective (SEA's reference uses BPR in log base 2).
+    ranking_weight: ClassVar[float] = 1.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            key = cls.name.lower()
+            known = _REGISTRY.get(key)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise TypeError(
+                    f"model name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is "
+                    f"taken by {known.__module__}.{known.__qualname__}"
+                )
+            _REGISTRY[key] = cls
 
     def __init__(self) -> None:
         super().__init__()
+        self.objective: torch.nn.Module | None = None
+        if self.objectives:
+            self.objective = make_objective(self.objectives[0])
         self._cached_embeddings: tuple[Tensor, Tensor] | None = None
         self._cache_version: int | None = None
 
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """``{config key: default}`` of the constructor's hyper-parameters."""
+        out = {}
+        for param in _init_parameters(cls):
+            out[CONFIG_KEYS.get(param.name, param.name)] = param.default
+        return out
+
+    @classmethod
+    def _yaml(cls) -> dict[str, Any]:
+        path = Path(sys.modules[cls.__module__].__file__ or "").with_suffix(".yaml")
+        return _read_model_yaml(str(path))
+
     @classmethod
     def default_config(cls) -> dict[str, Any]:
-        """The model's defaults, read from the YAML file beside its module."""
-        path = Path(sys.modules[cls.__module__].__file__ or "").with_suffix(".yaml")
-        if not path.exists():
-            return {}
-        with open(path, encoding="utf-8") as fh:
-            config = yaml.safe_load(fh) or {}
-        config.pop("grid", None)
+        """The model's defaults: its hyper-parameters, then its YAML's training overrides."""
+        config = cls.hyperparameters()
+        config.update({k: v for k, v in cls._yaml().items() if k != "grid"})
         return config
 
     @classmethod
     def default_grid(cls) -> dict[str, list[Any]]:
         """The hyper-parameter search space listed under ``grid`` in the model's YAML."""
-        path = Path(sys.modules[cls.__module__].__file__ or "").with_suffix(".yaml")
-        if not path.exists():
-            return {}
-        with open(path, encoding="utf-8") as fh:
-            return dict((yaml.safe_load(fh) or {}).get("grid", {}))
+        return {k: list(v) for k, v in dict(cls._yaml().get("grid") or {}).items()}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> Recommender:
-        raise NotImplementedError
+    def check_feature_dims(cls, feature_dims: Sequence[int]) -> list[int]:
+        """``feature_dims`` as ints, at least :attr:`min_modalities` of them."""
+        if len(feature_dims) < cls.min_modalities:
+            raise ValueError(
+                f"{cls.__name__} needs at least {cls.min_modalities} item modalities, "
+                f"got feature_dims={list(feature_dims)}"
+            )
+        return [int(d) for d in feature_dims]
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], inputs: GraphInputs) -> Recommender:
+        """The model sized by ``inputs``, its hyper-parameters read from ``config``.
+
+        Every constructor argument takes ``config[key]`` (key per :data:`CONFIG_KEYS`) or,
+        when the key is absent, its default; values are checked against the argument's
+        annotation. ``config["objective"]`` (if present and not null) selects the ranking
+        objective.
+
+        Raises:
+            ValueError: a value of the wrong type, an objective the model does not accept,
+                or too few modalities (the message names the config key).
+        """
+        sizes = {
+            "num_users": inputs.num_users,
+            "num_items": inputs.num_items,
+            "feature_dims": inputs.feature_dims,
+        }
+        kwargs: dict[str, Any] = {}
+        signature = inspect.signature(cls.__init__)
+        for name in SIZE_ARGUMENTS:
+            if name in signature.parameters:
+                kwargs[name] = sizes[name]
+        for param in _init_parameters(cls):
+            key = CONFIG_KEYS.get(param.name, param.name)
+            if key in config:
+                kwargs[param.name] = _coerce(config[key], param, key)
+        objective = config.get("objective")
+        cls.check_objective(objective)
+        model = cls(**kwargs)
+        if objective is not None:
+            model.set_objective(objective)
+        return model
+
+    @classmethod
+    def check_objective(cls, objective: str | None) -> None:
+        """Raise ``ValueError`` unless ``objective`` (``None``: the default) applies."""
+        if objective is None:
+            return
+        if not cls.objectives:
+            raise ValueError(
+                f"model {cls.name!r} trains with its own objective ({cls.own_objective}); "
+                f"objective {objective!r} does not apply (leave 'objective' null)"
+            )
+        if objective not in cls.objectives:
+            raise ValueError(
+                f"model {cls.name!r} accepts the objectives {list(cls.objectives)}, got "
+                f"{objective!r} (known objectives: {objective_names()})"
+            )
+
+    def set_objective(self, objective: str | torch.nn.Module) -> None:
+        """Train with another ranking objective (a name, or any module mapping
+        ``(pos_scores, neg_scores, batch)`` to a scalar loss)."""
+        if isinstance(objective, str):
+            self.check_objective(objective)
+            objective = make_objective(objective)
+        elif not self.objectives:
+            self.check_objective(type(objective).__name__)
+        self.objective = objective
+
+    # ------------------------------------------------------------------ training
     def on_epoch_start(self, epoch: int, inputs: GraphInputs) -> None:
         """Called by the trainer before the first batch of every epoch (``epoch`` is 1-based).
 
         The default does nothing; models with per-epoch state override it (FREEDOM redraws
-        its pruned training graph, LIRDRec advances its progressive weight copying). After a
-        resume the trainer calls it for the next epoch exactly as an uninterrupted run would.
+        its pruned graph, LIRDRec advances its progressive weight copying). After a resume
+        the trainer calls it for the next epoch exactly as an uninterrupted run would.
         """
+
+    def item_graph(self, inputs: GraphInputs) -> SparseAdjacency | None:
+        """``inputs.item_adj``; an error if a model that reads it was given none."""
+        reads_it = self.uses_item_graph and getattr(self, "num_mm_layers", 1) > 0
+        if inputs.item_adj is None and reads_it:
+            raise ValueError(
+                f"{type(self).__name__} reads the modality item graph: build the inputs "
+                "with build_graph_inputs(..., uses_item_graph=True)"
+            )
+        return inputs.item_adj
+
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        """A pairwise model's training forward: the batch's scoring rows (and more)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no batch_rows")
+
+    @staticmethod
+    def score(user: Tensor, item: Tensor) -> Tensor:
+        """Scores of matching rows: ``(user * item).sum(-1)``."""
+        return (user * item).sum(-1)
+
+    def auxiliary_losses(self, inputs: GraphInputs, batch: Batch, rows: BatchRows) -> dict:
+        """The model's own further losses of the batch, each weighted (default: none)."""
+        return {}
+
+    def regularization(self, batch: Batch, rows: BatchRows) -> Tensor | float:
+        """The weighted regulariser of the batch (default: none)."""
+        return 0.0
+
+    def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
+        """The batch's loss, term by term (pairwise models: objective on the scores)."""
+        rows = self.batch_rows(inputs, batch)
+        assert self.objective is not None
+        ranking = self.objective(
+            self.score(rows.user, rows.pos), self.score(rows.user, rows.neg), batch
+        )
+        if self.ranking_weight != 1.0:
+            ranking = ranking * self.ranking_weight
+        return LossTerms(
+            ranking=ranking,
+            auxiliary=self.auxiliary_losses(inputs, batch, rows),
+            regularization=self.regularization(batch, rows),
+        )
 
     def training_loss(
         self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
     ) -> Tensor:
-        """The loss of one batch of ``(user, positive item, negative item)`` rows (each ``[B]``)."""
-        raise NotImplementedError
+        """The total loss of one batch of ``(user, positive item, negative item)`` rows."""
+        return self.loss_terms(inputs, Batch(users, pos_items, neg_items)).total
 
+    def inner_problems(self) -> list[InnerProblem]:
+        """Sub-networks with their own optimiser (default: none)."""
+        return []
+
+    def inner_loss(self, name: str, data: Any) -> Tensor:
+        """The loss the inner problem ``name`` minimises on ``data`` (its inner inputs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner problem {name!r}")
+
+    def outer_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the outer optimiser trains: all but the inner problems'."""
+        inner = {id(p) for problem in self.inner_problems() for p in problem.module.parameters()}
+        return [p for p in self.parameters() if id(p) not in inner]
+
+    # ------------------------------------------------------------------ inference
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         """``(user [U, D], item [I, D])`` scoring embeddings in the current mode."""
         raise NotImplementedError
@@ -180,6 +451,71 @@ class Recommender(torch.nn.Module):
             cols = torch.repeat_interleave(exclude[1], counts)
             scores[rows, cols] = float("-inf")
         return scores.topk(k, dim=-1).indices
+
+
+def registered_models() -> dict[str, type[Recommender]]:
+    """Every model class defined so far, by (lower-case) name."""
+    return dict(_REGISTRY)
+
+
+def _init_parameters(cls: type[Recommender]) -> list[inspect.Parameter]:
+    """The constructor's hyper-parameters: keyword arguments with defaults, sizes excluded."""
+    params = []
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name == "self" or param.name in SIZE_ARGUMENTS:
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{cls.__name__}.__init__ argument {param.name!r} needs a default: "
+                "hyper-parameters are keyword arguments with defaults"
+            )
+        params.append(param)
+    return params
+
+
+_ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
+    """``value`` checked against ``param``'s annotation (``int``, ``float``, ``bool``,
+    ``str``, optionally ``| None``); ints become floats for float arguments."""
+    annotation = param.annotation if isinstance(param.annotation, str) else ""
+    parts = [p.strip() for p in annotation.split("|")]
+    optional = "None" in parts
+    names = [p for p in parts if p != "None"]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {key!r} must not be null (default {param.default!r})")
+    if len(names) != 1 or names[0] not in _ANNOTATION_TYPES:
+        return value  # an annotation this check does not know: passed through
+    allowed = _ANNOTATION_TYPES[names[0]]
+    if isinstance(value, bool) and bool not in allowed:
+        allowed = ()
+    if not isinstance(value, allowed):
+        raise ValueError(
+            f"config key {key!r} expects {annotation} (like the default {param.default!r}), "
+            f"got {value!r}"
+        )
+    return float(value) if names[0] == "float" else value
+
+
+@cache
+def _read_model_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        loaded = yaml.safe_load(fh) or {}
+    if not isinstance(loaded, dict):
+        raise TypeError(f"{path}: expected a mapping of config keys")
+    return loaded
 
 
 def _ranges(counts: Tensor) -> Tensor:

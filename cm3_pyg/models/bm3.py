@@ -27,7 +27,7 @@ that an item repeated within a batch draws independent dropout masks here).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ from torch import Tensor
 from torch.nn import Linear, ModuleList, Parameter
 
 from cm3_pyg.models._common import FeatureOffsets, embedding_norm_penalty, split_users_items
-from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import UserItemPropagation
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 class BM3Losses(NamedTuple):
@@ -84,6 +85,8 @@ class BM3(Recommender):
     name = "bm3"
     min_modalities = 1
     uses_item_graph = False
+    objectives = ()
+    own_objective = "bootstrapped latent views, no negatives"
 
     def __init__(
         self,
@@ -98,13 +101,11 @@ class BM3(Recommender):
         finetune_features: bool = True,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 1:
-            raise ValueError("BM3 needs at least one item modality (feature_dims is empty)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = self.check_feature_dims(feature_dims)
         self.num_modalities = len(self.feature_dims)
         self.embedding_dim = embedding_dim
         self.dropout = dropout
@@ -126,21 +127,7 @@ class BM3(Recommender):
             torch.nn.init.xavier_normal_(layer.weight)
         self.feature_offsets.reset_parameters()
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> BM3:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            num_layers=int(config["n_layers"]),
-            dropout=float(config["dropout"]),
-            reg_weight=float(config["reg_weight"]),
-            cl_weight=float(config["cl_weight"]),
-            finetune_features=bool(config["finetune_features"]),
-        )
-
-    def forward(self, ui_adj: Any) -> tuple[Tensor, Tensor]:
+    def forward(self, ui_adj: SparseAdjacency) -> tuple[Tensor, Tensor]:
         """Online ``(user [U, d], item [I, d])`` before the predictor."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
@@ -180,15 +167,20 @@ class BM3(Recommender):
         self, out: tuple[Tensor, Tensor], features: Sequence[Tensor], users: Tensor, items: Tensor
     ) -> Tensor:
         """BM3's loss of one batch (see the class docstring)."""
-        parts = self.losses(out, features, users, items)
-        contrastive = self.cl_weight * (parts.inter + parts.intra)
-        return parts.rec + contrastive + self.reg_weight * parts.reg
+        return self._terms(self.losses(out, features, users, items)).total
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        """BM3 needs no negatives: ``neg_items`` is ignored."""
-        return self.loss(self(inputs.ui_adj), inputs.features, users, pos_items)
+    def _terms(self, parts: BM3Losses) -> LossTerms:
+        return LossTerms(
+            ranking=parts.rec,
+            auxiliary={"contrastive": self.cl_weight * (parts.inter + parts.intra)},
+            regularization=self.reg_weight * parts.reg,
+        )
+
+    def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
+        r"""BM3 needs no negatives: ``batch.neg_items`` is ignored. ``ranking`` is
+        :math:`\mathcal{L}_{rec}`, the auxiliary term the weighted inter + intra losses."""
+        parts = self.losses(self(inputs.ui_adj), inputs.features, batch.users, batch.pos_items)
+        return self._terms(parts)
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         user, item = self(inputs.ui_adj)

@@ -10,15 +10,12 @@ negative embeddings, divided by the batch size). Deliberate deviation: the BPR t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty
-from cm3_pyg.models.base import GraphInputs, Recommender
-from cm3_pyg.nn import bpr_loss
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 
 
 class BPRMF(Recommender):
@@ -59,36 +56,21 @@ class BPRMF(Recommender):
         torch.nn.init.xavier_normal_(self.user_embedding)
         torch.nn.init.xavier_normal_(self.item_embedding)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> BPRMF:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            embedding_dim=int(config["embedding_size"]),
-            reg_weight=float(config["reg_weight"]),
-        )
-
     def forward(self) -> tuple[Tensor, Tensor]:
         """``(user [U, d], item [I, d])`` embeddings."""
         return self.user_embedding, self.item_embedding
 
-    def loss(
-        self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        """BPR plus the embedding penalty of one batch of ``[B]`` index tensors."""
-        user_emb, item_emb = out
-        u, i, j = (
-            user_emb.index_select(0, users),
-            item_emb.index_select(0, pos_items),
-            item_emb.index_select(0, neg_items),
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        user_emb, item_emb = self()
+        return BatchRows(
+            user_emb.index_select(0, batch.users),
+            item_emb.index_select(0, batch.pos_items),
+            item_emb.index_select(0, batch.neg_items),
         )
-        ranking = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
-        return ranking + self.reg_weight * embedding_norm_penalty(u, i, j)
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        return self.loss(self(), users, pos_items, neg_items)
+    def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
+        """``reg_weight`` times MMRec's ``EmbLoss`` of the batch's rows."""
+        return self.reg_weight * embedding_norm_penalty(rows.user, rows.pos, rows.neg)
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         return self()

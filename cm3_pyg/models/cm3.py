@@ -3,14 +3,14 @@ r"""CM3: Calibrating Multimodal Recommendation (Zhou, Wang, Shen, 2025)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
 from cm3_pyg.models._common import split_users_items
-from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import (
     ClampedCosineSimilarity,
     SphericalBezierFusion,
@@ -23,6 +23,7 @@ from cm3_pyg.nn import (
     propagate_item_graph,
     uniformity_loss,
 )
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 class CM3Output(NamedTuple):
@@ -86,6 +87,8 @@ class CM3(Recommender):
     name = "cm3"
     min_modalities = 1
     uses_item_graph = True
+    objectives = ()
+    own_objective = "alignment + calibrated uniformity"
 
     def __init__(
         self,
@@ -102,13 +105,11 @@ class CM3(Recommender):
         temperature: float = 2.0,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 1:
-            raise ValueError("CM3 needs at least one item modality (feature_dims is empty)")
         if not min_sim <= max_sim:
             raise ValueError(f"min_sim ({min_sim}) must not exceed max_sim ({max_sim})")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = self.check_feature_dims(feature_dims)
         self.num_modalities = len(self.feature_dims)
         self.num_channels = self.num_modalities + 1
         self.embedding_dim = embedding_dim
@@ -143,26 +144,11 @@ class CM3(Recommender):
         torch.nn.init.normal_(self.user_embedding, std=(2.0 / (u + self.embedding_dim)) ** 0.5)
         torch.nn.init.normal_(self.user_channel_logits, std=(2.0 / (u + self.num_channels)) ** 0.5)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> CM3:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            num_ui_layers=int(config["n_ui_layers"]),
-            num_mm_layers=int(config["n_mm_layers"]),
-            alpha=float(config["alpha"]),
-            gamma=float(config["gamma"]),
-            min_sim=float(config["min_sim"]),
-            max_sim=float(config["max_sim"]),
-        )
-
     def forward(
         self,
         features: Sequence[Tensor],
-        ui_adj: Any,
-        item_adj: Any = None,
+        ui_adj: SparseAdjacency,
+        item_adj: SparseAdjacency | None = None,
         t: Tensor | None = None,
         users: Tensor | None = None,
     ) -> CM3Output:
@@ -223,11 +209,11 @@ class CM3(Recommender):
             users, return_inverse=True, return_counts=True
         )
         user_rows = out.user.index_select(0, users_unique)
-        return self._batch_loss(
+        return self._batch_terms(
             user_rows, users_inverse, users_count, out.item, out.fused, pos_items, neg_items
-        )
+        ).total
 
-    def _batch_loss(
+    def _batch_terms(
         self,
         user_rows: Tensor,
         users_inverse: Tensor,
@@ -236,8 +222,8 @@ class CM3(Recommender):
         fused: Tensor,
         pos_items: Tensor,
         neg_items: Tensor,
-    ) -> Tensor:
-        """The loss from the batch's distinct users' rows ``[B', (M+1) d]`` (``torch.unique``
+    ) -> LossTerms:
+        """The loss terms from the batch's distinct users' rows ``[B', (M+1) d]`` (``torch.unique``
         order), their inverse map and counts, and the full item tables."""
         u_unique = normalize_rows(user_rows)
         u = u_unique.index_select(0, users_inverse)
@@ -251,19 +237,28 @@ class CM3(Recommender):
         uniform = uniformity_loss(
             u_unique, self.temperature, counts=users_count
         ) + calibrated_uniformity_loss(j, sim, self.temperature, counts=neg_count)
-        return alignment_loss(u, i) + self.gamma * uniform / 2
+        return LossTerms(
+            ranking=alignment_loss(u, i), auxiliary={"uniformity": self.gamma * uniform / 2}
+        )
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        # Only the batch's distinct users are weighted (same values as model.loss on a full
-        # forward, tested).
+    def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
+        """``ranking`` is the alignment, the auxiliary term the weighted uniformity pair.
+
+        Only the batch's distinct users are weighted (same values as :meth:`loss` on a full
+        forward, tested).
+        """
         users_unique, users_inverse, users_count = torch.unique(
-            users, return_inverse=True, return_counts=True
+            batch.users, return_inverse=True, return_counts=True
         )
         out = self(inputs.features, inputs.ui_adj, inputs.item_adj, users=users_unique)
-        return self._batch_loss(
-            out.user, users_inverse, users_count, out.item, out.fused, pos_items, neg_items
+        return self._batch_terms(
+            out.user,
+            users_inverse,
+            users_count,
+            out.item,
+            out.fused,
+            batch.pos_items,
+            batch.neg_items,
         )
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
@@ -276,5 +271,5 @@ class CM3(Recommender):
             f"feature_dims={self.feature_dims}, embedding_dim={self.embedding_dim}, "
             f"num_ui_layers={self.propagation.num_layers}, num_mm_layers={self.num_mm_layers}, "
             f"alpha={self.fusion.alpha}, gamma={self.gamma}, min_sim={self.min_sim}, "
-            f"max_sim={self.max_sim})"
+            f"max_sim={self.max_sim}, temperature={self.temperature})"
         )

@@ -33,7 +33,6 @@ pruned graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,13 +40,13 @@ from torch.nn import Linear, ModuleList, Parameter
 
 from cm3_pyg.models._common import (
     FeatureOffsets,
-    adjacency_backend,
     split_users_items,
     symmetric_bipartite_adjacency,
     user_item_edges,
 )
-from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, bpr_loss, spmm
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 class FREEDOM(Recommender):
@@ -96,15 +95,13 @@ class FREEDOM(Recommender):
         finetune_features: bool = True,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 1:
-            raise ValueError("FREEDOM needs at least one item modality (feature_dims is empty)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if num_mm_layers < 0:
             raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = self.check_feature_dims(feature_dims)
         self.num_modalities = len(self.feature_dims)
         self.embedding_dim = embedding_dim
         self.num_mm_layers = num_mm_layers
@@ -116,8 +113,8 @@ class FREEDOM(Recommender):
         self.feature_offsets = FeatureOffsets(num_items, self.feature_dims, finetune_features)
         self.propagation = UserItemPropagation(num_ui_layers, combine="mean")
         # State of the degree-sensitive pruning (not parameters, not saved).
-        self._edges: tuple[Any, Tensor, Tensor] | None = None
-        self._train_adj: Any = None
+        self._edges: tuple[SparseAdjacency, Tensor, Tensor] | None = None
+        self._train_adj: SparseAdjacency | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,30 +125,16 @@ class FREEDOM(Recommender):
         self.feature_offsets.reset_parameters()
         self._train_adj = None
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> FREEDOM:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            num_ui_layers=int(config["n_ui_layers"]),
-            num_mm_layers=int(config["n_mm_layers"]),
-            dropout=float(config["dropout"]),
-            reg_weight=float(config["reg_weight"]),
-            finetune_features=bool(config["finetune_features"]),
-        )
-
     # --- degree-sensitive edge pruning -------------------------------------------------
 
-    def _edge_list(self, ui_adj: Any) -> tuple[Tensor, Tensor]:
+    def _edge_list(self, ui_adj: SparseAdjacency) -> tuple[Tensor, Tensor]:
         if self._edges is None or self._edges[0] is not ui_adj:
             edges, weights = user_item_edges(ui_adj, self.num_users)
             self._edges = (ui_adj, edges, weights)
             self._train_adj = None
         return self._edges[1], self._edges[2]
 
-    def prune_edges(self, ui_adj: Any) -> Any:
+    def prune_edges(self, ui_adj: SparseAdjacency) -> SparseAdjacency:
         r"""A freshly pruned, renormalised ``[U + I, U + I]`` training adjacency.
 
         Keeps :math:`\lfloor (1 - \mathrm{dropout}) E \rfloor` of the ``E`` edges of
@@ -169,10 +152,10 @@ class FREEDOM(Recommender):
             )
         chosen = torch.multinomial(weights, keep, replacement=False)
         return symmetric_bipartite_adjacency(
-            edges[:, chosen], self.num_users, self.num_items, adjacency_backend(ui_adj)
+            edges[:, chosen], self.num_users, self.num_items, ui_adj.backend
         )
 
-    def resample_graph(self, ui_adj: Any) -> Any:
+    def resample_graph(self, ui_adj: SparseAdjacency) -> SparseAdjacency:
         """Draw the training graph of the next epoch (the reference's ``pre_epoch_processing``)."""
         self._train_adj = self.prune_edges(ui_adj)
         return self._train_adj
@@ -182,7 +165,7 @@ class FREEDOM(Recommender):
         if self.dropout > 0.0:
             self.resample_graph(inputs.ui_adj)
 
-    def training_adjacency(self, ui_adj: Any) -> Any:
+    def training_adjacency(self, ui_adj: SparseAdjacency) -> SparseAdjacency:
         """The current pruned graph of ``ui_adj`` (drawn now if there is none yet)."""
         if self.dropout <= 0.0:
             return ui_adj
@@ -193,7 +176,9 @@ class FREEDOM(Recommender):
 
     # --- model --------------------------------------------------------------------------
 
-    def forward(self, ui_adj: Any, item_adj: Any = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, ui_adj: SparseAdjacency, item_adj: SparseAdjacency | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(user [U, d], item [I, d])`` over the given user-item graph.
 
         Args:
@@ -219,49 +204,33 @@ class FREEDOM(Recommender):
             for m, (proj, x) in enumerate(zip(self.projections, features, strict=True))
         ]
 
-    def loss(
-        self,
-        out: tuple[Tensor, Tensor],
-        features: Sequence[Tensor],
-        users: Tensor,
-        pos_items: Tensor,
-        neg_items: Tensor,
-    ) -> Tensor:
-        """FREEDOM's loss of one batch (see the class docstring)."""
-        user_emb, item_emb = out
-        u = user_emb.index_select(0, users)
-        total = bpr_loss(
-            (u * item_emb.index_select(0, pos_items)).sum(-1),
-            (u * item_emb.index_select(0, neg_items)).sum(-1),
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        ui_adj = self.training_adjacency(inputs.ui_adj) if self.training else inputs.ui_adj
+        user_emb, item_emb = self(ui_adj, self.item_graph(inputs))
+        return BatchRows(
+            user_emb.index_select(0, batch.users),
+            item_emb.index_select(0, batch.pos_items),
+            item_emb.index_select(0, batch.neg_items),
         )
-        batch = self.modality_embeddings(features, torch.cat([pos_items, neg_items]))
-        for f in batch:
-            i, j = f.split(pos_items.numel())
-            total = total + self.reg_weight * bpr_loss((u * i).sum(-1), (u * j).sum(-1))
-        return total
 
-    def _item_graph(self, inputs: GraphInputs) -> Any:
-        if inputs.item_adj is None and self.num_mm_layers > 0:
-            raise ValueError(
-                "FREEDOM reads the modality item graph: build the inputs with "
-                "build_graph_inputs(..., uses_item_graph=True)"
+    def auxiliary_losses(
+        self, inputs: GraphInputs, batch: Batch, rows: BatchRows
+    ) -> dict[str, Tensor]:
+        """Per modality ``m``: ``reg_weight * BPR(u, f_{m,i}, f_{m,j})`` (always BPR: part of
+        FREEDOM's method, whichever ranking objective is chosen)."""
+        items = torch.cat([batch.pos_items, batch.neg_items])
+        out = {}
+        embedded = self.modality_embeddings(inputs.features, items)
+        for name, f in zip(inputs.modalities, embedded, strict=True):
+            i, j = f.split(batch.pos_items.numel())
+            out[f"modality_bpr_{name}"] = self.reg_weight * bpr_loss(
+                self.score(rows.user, i), self.score(rows.user, j)
             )
-        return inputs.item_adj
-
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        item_adj = self._item_graph(inputs)
-        ui_adj = inputs.ui_adj
-        if self.training:
-            ui_adj = self.training_adjacency(ui_adj)
-        out = self(ui_adj, item_adj)
-        return self.loss(out, inputs.features, users, pos_items, neg_items)
+        return out
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
-        item_adj = self._item_graph(inputs)
         ui_adj = self.training_adjacency(inputs.ui_adj) if self.training else inputs.ui_adj
-        return self(ui_adj, item_adj)
+        return self(ui_adj, self.item_graph(inputs))
 
     def __repr__(self) -> str:
         return (

@@ -10,15 +10,14 @@ the BPR term is ``-logsigmoid(s+ - s-)`` instead of ``-log(1e-10 + sigmoid(s+ - 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty, split_users_items
-from cm3_pyg.models.base import GraphInputs, Recommender
-from cm3_pyg.nn import UserItemPropagation, bpr_loss
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.nn import UserItemPropagation
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 class LightGCN(Recommender):
@@ -66,45 +65,28 @@ class LightGCN(Recommender):
         torch.nn.init.xavier_uniform_(self.user_embedding)
         torch.nn.init.xavier_uniform_(self.item_embedding)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> LightGCN:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            embedding_dim=int(config["embedding_size"]),
-            num_layers=int(config["n_layers"]),
-            reg_weight=float(config["reg_weight"]),
-        )
-
-    def forward(self, ui_adj: Any) -> tuple[Tensor, Tensor]:
+    def forward(self, ui_adj: SparseAdjacency) -> tuple[Tensor, Tensor]:
         """``(user [U, d], item [I, d])`` after propagation over the normalised ``ui_adj``."""
         x0 = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         h = self.propagation(x0, ui_adj)
         return split_users_items(h, self.num_users)
 
-    def loss(
-        self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        """BPR on the propagated rows plus the penalty on the layer-0 rows of the batch."""
-        user_emb, item_emb = out
-        u, i, j = (
-            user_emb.index_select(0, users),
-            item_emb.index_select(0, pos_items),
-            item_emb.index_select(0, neg_items),
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        user_emb, item_emb = self(inputs.ui_adj)
+        return BatchRows(
+            user_emb.index_select(0, batch.users),
+            item_emb.index_select(0, batch.pos_items),
+            item_emb.index_select(0, batch.neg_items),
         )
-        ranking = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
-        ego = self.item_embedding
-        penalty = embedding_norm_penalty(
-            self.user_embedding.index_select(0, users),
-            ego.index_select(0, pos_items),
-            ego.index_select(0, neg_items),
-        )
-        return ranking + self.reg_weight * penalty
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        return self.loss(self(inputs.ui_adj), users, pos_items, neg_items)
+    def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
+        """``reg_weight`` times MMRec's ``EmbLoss`` of the batch's layer-0 rows."""
+        ego = self.item_embedding
+        return self.reg_weight * embedding_norm_penalty(
+            self.user_embedding.index_select(0, batch.users),
+            ego.index_select(0, batch.pos_items),
+            ego.index_select(0, batch.neg_items),
+        )
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         return self(inputs.ui_adj)

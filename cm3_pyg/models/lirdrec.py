@@ -48,15 +48,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
 from cm3_pyg.models._common import split_users_items
-from cm3_pyg.models.base import GraphInputs, Recommender
-from cm3_pyg.nn import UserItemPropagation, bpr_loss, normalize_rows, propagate_item_graph
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.nn import UserItemPropagation, normalize_rows, propagate_item_graph
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 def dct_matrix(
@@ -227,13 +227,11 @@ class LIRDRec(Recommender):
         decay_weight: float = 0.95,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 1:
-            raise ValueError("LIRDRec needs at least one item modality (feature_dims is empty)")
         if num_mm_layers < 0:
             raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = self.check_feature_dims(feature_dims)
         self.num_modalities = len(self.feature_dims)
         self.num_channels = self.num_modalities + 1
         self.embedding_dim = embedding_dim
@@ -260,20 +258,6 @@ class LIRDRec(Recommender):
         torch.nn.init.normal_(self.user_embedding, std=std)
         self.pwc.reset_parameters()
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> LIRDRec:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            num_ui_layers=int(config["n_ui_layers"]),
-            num_mm_layers=int(config["n_mm_layers"]),
-            reg_weight=float(config["reg_weight"]),
-            decay_base=float(config["decay_base"]),
-            decay_weight=float(config["decay_weight"]),
-        )
-
     # --- inputs ---------------------------------------------------------------------------
 
     def dct_features(self, features: Sequence[Tensor]) -> Tensor:
@@ -293,14 +277,6 @@ class LIRDRec(Recommender):
             self._dct_cache = (feats, versions, out)
         return out
 
-    def _item_graph(self, inputs: GraphInputs) -> Any:
-        if inputs.item_adj is None and self.num_mm_layers > 0:
-            raise ValueError(
-                "LIRDRec reads the modality item graph: build the inputs with "
-                "build_graph_inputs(..., uses_item_graph=True)"
-            )
-        return inputs.item_adj
-
     # --- model ----------------------------------------------------------------------------
 
     def item_channels(self, features: Sequence[Tensor]) -> list[Tensor]:
@@ -312,7 +288,10 @@ class LIRDRec(Recommender):
         return channels
 
     def forward(
-        self, features: Sequence[Tensor], ui_adj: Any, item_adj: Any = None
+        self,
+        features: Sequence[Tensor],
+        ui_adj: SparseAdjacency,
+        item_adj: SparseAdjacency | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(user [U, (M+1) d], item [I, (M+1) d])``; ``item_adj=None`` skips the item graph."""
         items = self.item_channels(features)
@@ -330,18 +309,19 @@ class LIRDRec(Recommender):
             item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)
         return user, item_h
 
-    def loss(
-        self, out: tuple[Tensor, Tensor], users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        """BPR on the batch plus ``reg_weight`` times the mean squares of the whole tables."""
-        user_emb, item_emb = out
-        u = user_emb.index_select(0, users)
-        ranking = bpr_loss(
-            (u * item_emb.index_select(0, pos_items)).sum(-1),
-            (u * item_emb.index_select(0, neg_items)).sum(-1),
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        user_emb, item_emb = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
+        return BatchRows(
+            user_emb.index_select(0, batch.users),
+            item_emb.index_select(0, batch.pos_items),
+            item_emb.index_select(0, batch.neg_items),
+            out=(user_emb, item_emb),
         )
-        penalty = user_emb.pow(2).mean() + item_emb.pow(2).mean()
-        return ranking + self.reg_weight * penalty
+
+    def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
+        """``reg_weight`` times the mean squares of the WHOLE user and item tables."""
+        user_emb, item_emb = rows.out
+        return self.reg_weight * (user_emb.pow(2).mean() + item_emb.pow(2).mean())
 
     def start_epoch(self) -> None:
         """Start a PWC epoch (the reference's ``pre_epoch_processing``)."""
@@ -350,15 +330,8 @@ class LIRDRec(Recommender):
     def on_epoch_start(self, epoch: int, inputs: GraphInputs) -> None:
         self.start_epoch()
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        item_adj = self._item_graph(inputs)
-        out = self(inputs.features, inputs.ui_adj, item_adj)
-        return self.loss(out, users, pos_items, neg_items)
-
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
-        return self(inputs.features, inputs.ui_adj, self._item_graph(inputs))
+        return self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
 
     def __repr__(self) -> str:
         return (

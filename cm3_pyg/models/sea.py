@@ -31,18 +31,17 @@ followed: github.com/bruno686/SEA (``src/models/SEA.py``, ``src/common/trainer.p
   :math:`\log_2` as the reference (:math:`-\mathrm{mean} \log_2 \sigma(s^+ - s^-)`, i.e. the
   usual BPR divided by :math:`\ln 2`). No embedding penalty (the reference has none).
 
-**The CLUB network is trained by its own optimizer, not the outer one.** The reference's
+**The CLUB network is fitted by its own optimiser, not the outer one.** The reference's
 trainer, after every batch's backward pass, takes ``50`` Adam steps (learning rate =
 ``learning_rate``) on the network's negative log-likelihood of the batch's detached samples,
-then steps the model. Here :meth:`SEA.training_loss` does the same inner steps itself (in
-training mode only) after computing the batch's bound, with an Adam optimizer the model owns.
-The network is held outside the module tree (:attr:`SEA.club`, a property): it is NOT in
-``model.parameters()``, ``named_parameters()`` or ``modules()``, so the trainer's outer Adam,
-built from ``model.parameters()``, never sees it; the bound in the outer loss is evaluated
-with a detached copy of its weights (gradients reach the model only), which is also what the
-reference effectively does (its inner loop zeroes the club's gradients from the outer pass).
-The network's weights and its optimizer state are saved in ``state_dict()`` (as the module's
-extra state, so checkpoints resume them), and ``.to()`` / ``.double()`` move them with the model.
+then steps the model. Here the network is a submodule (:attr:`SEA.club`; ``.to()``,
+``state_dict()`` and checkpoints see it) declared as an
+:class:`~cm3_pyg.models.base.InnerProblem`: the trainer keeps it out of the outer optimiser,
+and after each batch's loss takes ``club_steps`` steps of its own Adam on
+:meth:`SEA.inner_loss` of the batch's detached pairs (``LossTerms.inner_inputs["club"]``),
+then steps the model. The bound in the outer loss is evaluated with a detached copy of the
+network's weights (gradients reach the model only), which is also what the reference
+effectively does (its inner loop zeroes the club's gradients from the outer pass).
 
 Deliberate deviations: any number ``M >= 2`` of modalities (the reference: image + text);
 the CLUB network is fitted on the pairs whose mutual information it bounds, ``(a_m, b_m)``
@@ -77,15 +76,14 @@ from torch.nn import (
 )
 
 from cm3_pyg.models._common import split_users_items
-from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
 from cm3_pyg.nn import (
     UserItemPropagation,
-    bpr_loss,
     info_nce_loss,
     normalize_rows,
     propagate_item_graph,
 )
-from cm3_pyg.nn.optim import make_adam
+from cm3_pyg.nn.sparse import SparseAdjacency
 
 
 def solosim_loss(anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
@@ -192,28 +190,6 @@ class CLUB(torch.nn.Module):
         return torch.clamp((positive - negative).sum(1).mean() / 2.0, min=0.0)
 
 
-class _InnerTrained:
-    """A module and its own optimizer, deliberately not registered in the owning module."""
-
-    def __init__(self, net: torch.nn.Module, lr: float) -> None:
-        self.net = net
-        self.lr = lr
-        self.optimizer: torch.optim.Adam | None = None
-
-    def get_optimizer(self) -> torch.optim.Adam:
-        if self.optimizer is None:
-            self.optimizer = make_adam(self.net.parameters(), lr=self.lr)
-        return self.optimizer
-
-    def apply(self, fn: Any) -> None:
-        """Convert the network (device/dtype) and carry the optimizer state along."""
-        state = None if self.optimizer is None else self.optimizer.state_dict()
-        self.net._apply(fn)
-        if state is not None:
-            self.optimizer = None
-            self.get_optimizer().load_state_dict(state)  # casts the moments to the params
-
-
 class SEAOutput(NamedTuple):
     """One forward pass of :class:`SEA`.
 
@@ -257,7 +233,7 @@ class SEA(Recommender):
         club_dim: width of the CLUB samples ``a_m, b_m``.
         club_hidden_size: CLUB's ``hidden_size`` (its layers have half of it).
         club_steps: inner optimizer steps per training batch.
-        club_lr: the inner Adam's learning rate.
+        club_lr: the inner Adam's learning rate (``None``: the run's ``learning_rate``).
     """
 
     name = "sea"
@@ -280,14 +256,10 @@ class SEA(Recommender):
         club_dim: int = 32,
         club_hidden_size: int = 16,
         club_steps: int = 50,
-        club_lr: float = 1e-4,
+        club_lr: float | None = None,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 2:
-            raise ValueError(
-                f"SEA needs at least two item modalities (got {len(feature_dims)}): its "
-                "Solosimloss aligns the generic parts of pairs of modalities"
-            )
+        feature_dims = self.check_feature_dims(feature_dims)  # Solosim pairs the modalities
         if min(feature_dims) < 2:
             raise ValueError(
                 "SEA splits each feature in halves: every d_m must be >= 2, "
@@ -301,7 +273,7 @@ class SEA(Recommender):
             raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = feature_dims
         self.num_modalities = len(self.feature_dims)
         self.generic_dims = [d // 2 for d in self.feature_dims]
         self.embedding_dim = embedding_dim
@@ -333,23 +305,15 @@ class SEA(Recommender):
         self.generic_maps = ModuleList(Linear(h, club_dim) for _, h in dims)
         self.unique_maps = ModuleList(Linear(dm - h, club_dim) for dm, h in dims)
         self.propagation = UserItemPropagation(num_layers, combine="sum")
-        # Not a registered submodule: see the module docstring.
-        self._club = _InnerTrained(CLUB(club_dim, club_dim, club_hidden_size), club_lr)
+        self.club_lr = club_lr
+        # Fitted by its own optimiser (see inner_problems), not by the outer one.
+        self.club = CLUB(club_dim, club_dim, club_hidden_size)
         self.reset_parameters()
 
-    @property
-    def club(self) -> CLUB:
-        """The CLUB network (trained only by :meth:`fit_club`, not by ``model.parameters()``)."""
-        return self._club.net  # type: ignore[return-value]
-
-    @property
-    def club_optimizer(self) -> torch.optim.Adam:
-        """The inner Adam optimizer of :attr:`club` (created on first use)."""
-        return self._club.get_optimizer()
-
     def reset_parameters(self) -> None:
+        club = set(self.club.modules())
         for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+            if module is not self and module not in club and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # PyTorch's defaults, as the reference
         u, m = self.num_users, self.num_modalities
         torch.nn.init.normal_(self.user_preference, std=(2.0 / (u + self.embedding_dim)) ** 0.5)
@@ -361,51 +325,15 @@ class SEA(Recommender):
         for module in self.club.modules():
             if isinstance(module, Linear):
                 module.reset_parameters()
-        self._club.optimizer = None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> SEA:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            num_layers=int(config["n_layers"]),
-            num_mm_layers=int(config["n_mm_layers"]),
-            temperature=float(config["temp"]),
-            alpha_contrast=float(config["alpha_contrast"]),
-            ureg=float(config["ureg"]),
-            proj_hidden_dim=int(config["proj_hidden_dim"]),
-            proj_out_dim=int(config["proj_out_dim"]),
-            club_dim=int(config["club_dim"]),
-            club_hidden_size=int(config["club_hidden_size"]),
-            club_steps=int(config["club_steps"]),
-            club_lr=float(config["learning_rate"]),
-        )
-
-    # --- the unregistered CLUB network follows the module ---------------------------------
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SEA:
-        super()._apply(fn, recurse)
-        self._club.apply(fn)
-        return self
-
-    def get_extra_state(self) -> dict[str, Any]:
-        optimizer = self._club.optimizer
-        return {
-            "club": self.club.state_dict(),
-            "club_optimizer": None if optimizer is None else optimizer.state_dict(),
-        }
-
-    def set_extra_state(self, state: Any) -> None:
-        self.club.load_state_dict(state["club"])
-        self._club.optimizer = None
-        if state.get("club_optimizer") is not None:
-            self.club_optimizer.load_state_dict(state["club_optimizer"])
 
     # --- model ----------------------------------------------------------------------------
 
-    def forward(self, features: Sequence[Tensor], ui_adj: Any, item_adj: Any = None) -> SEAOutput:
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        ui_adj: SparseAdjacency,
+        item_adj: SparseAdjacency | None = None,
+    ) -> SEAOutput:
         """Full-graph forward; ``item_adj=None`` skips the item-graph step."""
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
@@ -441,11 +369,13 @@ class SEA(Recommender):
                 (default: drawn with ``torch.randperm``, one per modality in order).
         """
         u = out.user.index_select(0, users)
-        bpr = bpr_loss(
-            (u * out.item.index_select(0, pos_items)).sum(-1),
-            (u * out.item.index_select(0, neg_items)).sum(-1),
+        assert self.objective is not None
+        bpr = self.objective(
+            self.score(u, out.item.index_select(0, pos_items)),
+            self.score(u, out.item.index_select(0, neg_items)),
+            Batch(users, pos_items, neg_items),
         )
-        bpr = bpr / math.log(2.0)
+        bpr = bpr / math.log(2.0)  # the reference's log base 2
         # The bound with a frozen copy of the CLUB weights: the inner steps below may update
         # the live weights in place before the outer backward pass.
         frozen = {k: v.detach().clone() for k, v in self.club.named_parameters()}
@@ -466,51 +396,38 @@ class SEA(Recommender):
     def loss(self, parts: SEALosses) -> Tensor:
         """:math:`\\mathrm{BPR}_2 + \\mathrm{ureg} \\cdot \\mathrm{mean}_m \\mathrm{CLUB}_m
         + \\mathrm{alpha\\_contrast} \\cdot \\mathrm{Solosim}`."""
-        return parts.bpr + self.ureg * parts.mi + self.alpha_contrast * parts.align
+        return self._terms(parts).total
 
-    def fit_club(self, samples: Sequence[tuple[Tensor, Tensor]], steps: int | None = None) -> float:
-        """``steps`` (default ``club_steps``) inner Adam steps of the CLUB network on the
-        detached pairs ``(a_m, b_m)``; returns the last negative log-likelihood."""
-        steps = self.club_steps if steps is None else steps
-        if steps == 0 or not samples:
-            return float("nan")
-        # All pairs stacked row-wise, each row weighted 1/N_m: one pass per step computes
-        # the sum over pairs of their mean negative log-likelihoods.
-        x = torch.cat([a.detach() for a, _ in samples])
-        y = torch.cat([b.detach() for _, b in samples])
-        row_weight = torch.cat([_mean_weights(a) for a, _ in samples])
-        optimizer = self.club_optimizer
-        with torch.enable_grad():
-            for _ in range(steps):
-                nll = self.club.learning_loss(x, y, row_weight)
-                optimizer.zero_grad(set_to_none=True)
-                nll.backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # leave no gradients behind
-        return float(nll.detach())  # read once: a per-step read would sync a GPU 50 times
-
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        """The batch loss; in training mode also takes the CLUB network's inner steps."""
-        item_adj = self._item_graph(inputs)
-        parts = self.losses(
-            self(inputs.features, inputs.ui_adj, item_adj), users, pos_items, neg_items
+    def _terms(self, parts: SEALosses) -> LossTerms:
+        return LossTerms(
+            ranking=parts.bpr,
+            auxiliary={"club": self.ureg * parts.mi, "solosim": self.alpha_contrast * parts.align},
+            inner_inputs={"club": [(a.detach(), b.detach()) for a, b in parts.club_samples]},
         )
-        if self.training:
-            self.fit_club(parts.club_samples)
-        return self.loss(parts)
 
-    def _item_graph(self, inputs: GraphInputs) -> Any:
-        if inputs.item_adj is None and self.num_mm_layers > 0:
-            raise ValueError(
-                "SEA reads the modality item graph: build the inputs with "
-                "build_graph_inputs(..., uses_item_graph=True)"
-            )
-        return inputs.item_adj
+    def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
+        out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
+        parts = self.losses(out, batch.users, batch.pos_items, batch.neg_items)
+        return self._terms(parts)
+
+    def inner_problems(self) -> list[InnerProblem]:
+        """The CLUB network: ``club_steps`` Adam steps (``club_lr``, default the run's
+        learning rate, as the reference) on each batch's detached pairs ``(a_m, b_m)``."""
+        return [InnerProblem("club", self.club, self.club_steps, self.club_lr)]
+
+    def inner_loss(self, name: str, data: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """The CLUB network's negative log-likelihood, summed over the pairs' means."""
+        if name != "club":
+            return super().inner_loss(name, data)
+        # All pairs stacked row-wise, each row weighted 1/N_m: one pass computes the sum
+        # over pairs of their mean negative log-likelihoods.
+        x = torch.cat([a for a, _ in data])
+        y = torch.cat([b for _, b in data])
+        row_weight = torch.cat([_mean_weights(a) for a, _ in data])
+        return self.club.learning_loss(x, y, row_weight)
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
-        out = self(inputs.features, inputs.ui_adj, self._item_graph(inputs))
+        out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
         return out.user, out.item
 
     def __repr__(self) -> str:

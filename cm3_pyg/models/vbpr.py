@@ -17,15 +17,13 @@ projects only the batch's items (the same values as projecting all and indexing)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import Linear, Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty
-from cm3_pyg.models.base import GraphInputs, Recommender
-from cm3_pyg.nn import bpr_loss
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 
 
 class VBPR(Recommender):
@@ -59,11 +57,9 @@ class VBPR(Recommender):
         reg_weight: float = 1e-3,
     ) -> None:
         super().__init__()
-        if len(feature_dims) < 1:
-            raise ValueError("VBPR needs at least one item modality (feature_dims is empty)")
         self.num_users = num_users
         self.num_items = num_items
-        self.feature_dims = [int(d) for d in feature_dims]
+        self.feature_dims = self.check_feature_dims(feature_dims)
         self.num_modalities = len(self.feature_dims)
         self.embedding_dim = embedding_dim
         self.reg_weight = reg_weight
@@ -77,16 +73,6 @@ class VBPR(Recommender):
         torch.nn.init.xavier_uniform_(self.item_embedding)
         torch.nn.init.xavier_normal_(self.projection.weight)
         torch.nn.init.zeros_(self.projection.bias)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], inputs: GraphInputs) -> VBPR:
-        return cls(
-            num_users=inputs.num_users,
-            num_items=inputs.num_items,
-            feature_dims=inputs.feature_dims,
-            embedding_dim=int(config["embedding_size"]),
-            reg_weight=float(config["reg_weight"]),
-        )
 
     def item_vectors(self, features: Sequence[Tensor], items: Tensor | None = None) -> Tensor:
         """``[I, 2d]`` item vectors (or ``[B, 2d]`` for the ids in ``items``)."""
@@ -102,17 +88,15 @@ class VBPR(Recommender):
         """``(user [U, 2d], item [I, 2d])`` from the ``M`` feature tensors ``[I, d_m]``."""
         return self.user_embedding, self.item_vectors(features)
 
-    def loss(self, u: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """BPR plus the penalty, from the batch's ``[B, 2d]`` user/positive/negative rows."""
-        ranking = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
-        return ranking + self.reg_weight * embedding_norm_penalty(u, i, j)
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        # Only the batch's items are projected (the same values as projecting all).
+        items = self.item_vectors(inputs.features, torch.cat([batch.pos_items, batch.neg_items]))
+        pos, neg = items.split(batch.pos_items.numel())
+        return BatchRows(self.user_embedding.index_select(0, batch.users), pos, neg)
 
-    def training_loss(
-        self, inputs: GraphInputs, users: Tensor, pos_items: Tensor, neg_items: Tensor
-    ) -> Tensor:
-        batch = self.item_vectors(inputs.features, torch.cat([pos_items, neg_items]))
-        i, j = batch.split(pos_items.numel())
-        return self.loss(self.user_embedding.index_select(0, users), i, j)
+    def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
+        """``reg_weight`` times MMRec's ``EmbLoss`` of the batch's ``2d`` rows."""
+        return self.reg_weight * embedding_norm_penalty(rows.user, rows.pos, rows.neg)
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:
         return self(inputs.features)

@@ -8,7 +8,8 @@ tensors, numbers, strings, lists and dicts, so it loads with
     model, dataset          names of the run's model and dataset
     config                  the run's full configuration
     data_fingerprint        sha256 of the graph inputs and splits the run trained on
-    trainer                 Trainer.state_dict(): epoch, model, optimizer, RNG states
+    trainer                 Trainer.state_dict(): epoch, model, optimizer, inner
+                            optimizers (by inner problem name), RNG states
                             (python, numpy, torch, CUDA and the trainer's generator),
                             early stopping, best valid/test, history
 
@@ -49,7 +50,7 @@ __all__ = [
 #: File name of the checkpoint inside a run's output folder.
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Bump when the layout changes; older checkpoints are then refused with a clear message.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: inner optimisers (SEA's CLUB) saved by the trainer
 _FORMAT = "cm3_pyg.checkpoint"
 #: Config keys that may differ between the checkpoint and the resumed run.
 RESUME_MAY_CHANGE: frozenset[str] = frozenset({"epochs"})
@@ -58,6 +59,7 @@ TRAINER_STATE_KEYS: tuple[str, ...] = (
     "epoch",
     "model",
     "optimizer",
+    "inner_optimizers",
     "generator",
     "rng",
     "early_stopping",

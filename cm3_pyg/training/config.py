@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from cm3_pyg.errors import ConfigError
+from cm3_pyg.nn.objectives import objective_names
 from cm3_pyg.nn.sparse import check_backend
 
 TRAINING_DEFAULTS = Path(__file__).with_name("defaults.yaml")
@@ -137,12 +138,13 @@ def load_config(
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express (``config`` is a complete one, as
+    :func:`load_config` returns)."""
     for key, value in config.items():
         # YAML spells NaN/Inf as .nan/.inf; no key accepts them.
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
-    modalities = config.get("modalities")
+    modalities = config["modalities"]
     if modalities is not None and (
         not isinstance(modalities, list)
         or not all(isinstance(m, str) and m for m in modalities)
@@ -155,37 +157,42 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for key in positive_ints:
         if key in config and not (isinstance(config[key], int) and config[key] > 0):
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}")
-    if config.get("stopping_step", 0) < 0:
+    if config["stopping_step"] < 0:
         raise ConfigError(
             f"config key 'stopping_step' must be >= 0, got {config['stopping_step']!r}"
         )
-    if not config.get("learning_rate", 1.0) > 0:
+    if not config["learning_rate"] > 0:
         raise ConfigError(
             f"config key 'learning_rate' must be > 0, got {config['learning_rate']!r}"
         )
     try:
-        check_backend(str(config.get("sparse_backend", "auto")))
+        check_backend(str(config["sparse_backend"]))
     except ValueError as exc:
         raise ConfigError(f"config key 'sparse_backend': {exc}") from None
     try:
-        device = torch.device(str(config.get("device", "cpu")))
+        device = torch.device(str(config["device"]))
     except RuntimeError as exc:
         raise ConfigError(f"config key 'device': {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' is {str(device)!r} but CUDA is not available")
-    duplicates = config.get("duplicate_interactions", "warn")
+    duplicates = config["duplicate_interactions"]
     if duplicates not in ("warn", "error"):
         raise ConfigError(
             f"config key 'duplicate_interactions' must be 'warn' or 'error', got {duplicates!r}"
         )
-    topk = config.get("topk", [20])
+    topk = config["topk"]
     if not topk or not all(isinstance(k, int) and k > 0 for k in topk):
         raise ConfigError(f"config key 'topk' must be a list of positive integers, got {topk!r}")
-    metric = str(config.get("valid_metric", "recall@20")).lower()
+    objective = config["objective"]
+    if objective is not None and objective not in objective_names():
+        raise ConfigError(
+            f"config key 'objective' must be null or one of {objective_names()}, got {objective!r}"
+        )
+    metric = str(config["valid_metric"]).lower()
     name, _, k = metric.partition("@")
     if name not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in topk:
         raise ConfigError(
             "config key 'valid_metric' must be <recall|ndcg|precision|map>@k "
             f"with k in topk {topk}, "
-            f"got {config.get('valid_metric')!r}"
+            f"got {config['valid_metric']!r}"
         )

@@ -144,7 +144,10 @@ def run_experiment(
             f"model {model_name!r} needs at least {model_cls.min_modalities} item modalities, "
             f"the data has {inputs.modalities}"
         )
-    model = model_cls.from_config(config, inputs)
+    try:
+        model = model_cls.from_config(config, inputs)
+    except ValueError as exc:
+        raise ConfigError(f"model {model_cls.name!r}: {exc}") from None
     logger.info(
         "%s on %s: %d users, %d items, modalities %s",
         model,

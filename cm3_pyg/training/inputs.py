@@ -15,6 +15,7 @@ from cm3_pyg.data.transforms import ModalityKNNGraph
 from cm3_pyg.errors import DataFormatError
 from cm3_pyg.models.base import GraphInputs
 from cm3_pyg.nn.sparse import to_adjacency
+from cm3_pyg.training.config import training_defaults
 
 RATES = ("user", "rates", "item")
 
@@ -62,12 +63,13 @@ def build_graph_inputs(
     """Normalised adjacencies (built once) and feature tensors for a model.
 
     Reads ``knn_k``, ``mm_image_weight``, ``modality_weights``, ``modalities`` and
-    ``sparse_backend`` from ``config``.
+    ``sparse_backend`` from ``config``; keys it lacks take the training defaults.
     """
-    modalities = select_modalities(data, config.get("modalities"))
+    config = {**training_defaults(), **config}
+    modalities = select_modalities(data, config["modalities"])
     num_users = int(data["user"].num_nodes)
     num_items = int(data["item"].num_nodes)
-    backend = str(config.get("sparse_backend", "auto"))
+    backend = str(config["sparse_backend"])
     train = get_splits(data).train
     ui_index, ui_weight = bipartite_normalized_adjacency(train, num_users, num_items)
     ui_adj = to_adjacency(ui_index, ui_weight, num_users + num_items, backend=backend)
@@ -80,9 +82,9 @@ def build_graph_inputs(
         for m, x in zip(modalities, features, strict=True):
             view["item"][f"x_{m}"] = x
         knn = ModalityKNNGraph(
-            k=int(config.get("knn_k", 10)),
-            weights=config.get("modality_weights"),
-            mm_image_weight=config.get("mm_image_weight"),
+            k=int(config["knn_k"]),
+            weights=config["modality_weights"],
+            mm_image_weight=config["mm_image_weight"],
         )(view)
         store = knn["item", "mm_knn", "item"]
         item_adj = to_adjacency(store.edge_index, store.edge_weight, num_items, backend=backend)

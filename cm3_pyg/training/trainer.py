@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from cm3_pyg.errors import DataFormatError, NonFiniteLossError
 from cm3_pyg.metrics import FullRankingEvaluator
-from cm3_pyg.models.base import GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
 from cm3_pyg.nn.optim import make_adam
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
 from cm3_pyg.training.inputs import Splits
@@ -56,6 +56,8 @@ class EpochRecord:
     eval_seconds: float
     valid: dict[str, float]
     improved: bool
+    #: Mean over the epoch's batches of each loss term (:class:`~cm3_pyg.models.LossTerms`).
+    train_terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +76,17 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _accumulate(totals: dict[str, torch.Tensor], terms: LossTerms) -> None:
+    """Add each of a batch's loss terms (detached) to ``totals``."""
+    parts = {"ranking": terms.ranking, **terms.auxiliary}
+    reg = terms.regularization
+    if isinstance(reg, torch.Tensor):
+        parts["regularization"] = reg
+    for name, value in parts.items():
+        value = value.detach()
+        totals[name] = totals[name] + value if name in totals else value.clone()
 
 
 class EarlyStopping:
@@ -106,7 +119,11 @@ class Trainer:
     """Train a :class:`~cm3_pyg.models.Recommender` with full-ranking early stopping.
 
     Each epoch shuffles the training interactions, draws one negative per row, and takes
-    one Adam step per batch of ``train_batch_size`` rows. After the epoch the model is
+    one Adam step per batch of ``train_batch_size`` rows on the model's
+    :meth:`~cm3_pyg.models.Recommender.loss_terms`. The trainer owns every optimiser: the
+    outer Adam over :meth:`~cm3_pyg.models.Recommender.outer_parameters`, and one Adam per
+    declared :class:`~cm3_pyg.models.InnerProblem`, stepped ``problem.steps`` times after
+    each batch's loss and before the outer step. After the epoch the model is
     evaluated from a fresh deterministic forward (:meth:`Recommender.embed`) on the
     validation split; whenever ``valid_metric`` improves the test split is evaluated too,
     so the reported test metrics are those of the best validation epoch.
@@ -152,7 +169,7 @@ class Trainer:
                     f"evaluate on (MMRec keeps only {name} rows of users with a train row)"
                 )
         self.config = config
-        self.device = torch.device(config.get("device", "cpu"))
+        self.device = torch.device(config["device"])
         self.model = model.to(self.device)
         self.inputs = inputs.to(self.device)
         self.splits = splits.to(self.device)
@@ -162,11 +179,19 @@ class Trainer:
         self.fault_injector = fault_injector
         self.ks = tuple(config["topk"])
         self.valid_metric = str(config["valid_metric"]).lower()
+        lr = float(config["learning_rate"])
+        # The outer optimiser trains every parameter except the inner problems' networks,
+        # each of which gets an Adam of its own (no weight decay, as the references).
         self.optimizer = make_adam(
-            model.parameters(),
-            lr=float(config["learning_rate"]),
-            weight_decay=float(config["weight_decay"]),
+            model.outer_parameters(), lr=lr, weight_decay=float(config["weight_decay"])
         )
+        self.inner_problems = model.inner_problems()
+        self.inner_optimizers = {
+            problem.name: make_adam(
+                problem.module.parameters(), lr=lr if problem.lr is None else problem.lr
+            )
+            for problem in self.inner_problems
+        }
         num_items = inputs.num_items
         self.sampler = NegativeSampler(self.splits.train, num_items)
         batch = int(config["eval_batch_size"])
@@ -185,6 +210,7 @@ class Trainer:
         self.best_valid: dict[str, float] = {}
         self.best_test: dict[str, float] = {}
         self.stopped_early = False
+        self.last_train_terms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -193,6 +219,7 @@ class Trainer:
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "inner_optimizers": {k: o.state_dict() for k, o in self.inner_optimizers.items()},
             "generator": self.generator.get_state(),
             "rng": capture_rng_state(),
             "early_stopping": self.stopper.state_dict(),
@@ -211,6 +238,14 @@ class Trainer:
         """
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        inner = state["inner_optimizers"]
+        if set(inner) != set(self.inner_optimizers):
+            raise KeyError(
+                f"inner optimizers {sorted(inner)} saved, this model has "
+                f"{sorted(self.inner_optimizers)}"
+            )
+        for name, optimizer in self.inner_optimizers.items():
+            optimizer.load_state_dict(inner[name])
         self.generator.set_state(state["generator"])
         restore_rng_state(state["rng"])
         self.stopper.load_state_dict(state["early_stopping"])
@@ -237,6 +272,7 @@ class Trainer:
         batch_size = int(self.config["train_batch_size"])
         num_batches = math.ceil(train.size(1) / batch_size)
         total = torch.zeros((), device=self.device)
+        term_totals: dict[str, torch.Tensor] = {}
         batches = epoch_batches(train.size(1), batch_size, self.generator)
         bar = tqdm(
             batches,
@@ -253,22 +289,41 @@ class Trainer:
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
             neg = self.sampler.sample(users, self.generator)
-            loss = self.model.training_loss(self.inputs, users, pos, neg)
+            terms = self.model.loss_terms(self.inputs, Batch(users, pos, neg))
+            loss = terms.total
             if self.fault_injector is not None:
                 loss = self.fault_injector(epoch, batch_idx, loss)
             if not torch.isfinite(loss):
                 bar.close()
                 raise NonFiniteLossError(epoch, batch_idx, num_batches, float(loss.detach()))
+            for problem in self.inner_problems:
+                self.fit_inner(problem, terms.inner_inputs[problem.name])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.detach()
+            _accumulate(term_totals, terms)
+        self.last_train_terms = {k: float(v) / num_batches for k, v in term_totals.items()}
         return float(total) / num_batches
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Full-ranking metrics of ``split`` (``"valid"`` or ``"test"``) from fresh embeddings."""
+    def fit_inner(self, problem: InnerProblem, data: Any) -> None:
+        """``problem.steps`` steps of its own optimiser on ``model.inner_loss(name, data)``."""
+        optimizer = self.inner_optimizers[problem.name]
+        with torch.enable_grad():
+            for _ in range(problem.steps):
+                loss = self.model.inner_loss(problem.name, data)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # leave no gradients behind
+
+    def evaluate(
+        self, split: str, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Full-ranking metrics of ``split`` (``"valid"`` or ``"test"``) from ``embeddings``
+        (default: fresh ones from :meth:`Recommender.embed`)."""
         evaluator = {"valid": self.valid_evaluator, "test": self.test_evaluator}[split]
-        user_emb, item_emb = self.model.embed(self.inputs)
+        user_emb, item_emb = self.model.embed(self.inputs) if embeddings is None else embeddings
         return evaluator.evaluate(user_emb, item_emb)
 
     def fit(self) -> FitResult:
@@ -288,14 +343,16 @@ class Trainer:
             loss = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            user_emb, item_emb = self.model.embed(self.inputs)
-            valid = self.valid_evaluator.evaluate(user_emb, item_emb)
+            embeddings = self.model.embed(self.inputs)
+            valid = self.evaluate("valid", embeddings)
             improved, stop = self.stopper.step(valid[self.valid_metric], epoch)
             if improved:
                 self.best_valid = valid
-                self.best_test = self.test_evaluator.evaluate(user_emb, item_emb)
+                self.best_test = self.evaluate("test", embeddings)
             eval_seconds = time.perf_counter() - start
-            record = EpochRecord(epoch, loss, train_seconds, eval_seconds, valid, improved)
+            record = EpochRecord(
+                epoch, loss, train_seconds, eval_seconds, valid, improved, self.last_train_terms
+            )
             self.history.append(record)
             self.epoch = epoch
             self.stopped_early = stop
