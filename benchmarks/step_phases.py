@@ -3,10 +3,10 @@
     python -m benchmarks.step_phases --scale tiktok --data-root ../shared/data
     python -m benchmarks.step_phases --scale baby --model cm3 --steps 30
 
-Each step of the trainer's own loop is cut into four phases, timed with a wall clock
+Each step of the trainer's own loop is cut into five phases, timed with a wall clock
 around each (on CUDA with a synchronisation at every cut): drawing the batch's negatives,
-the forward pass and loss (``model.training_loss``), ``loss.backward()``, and the
-optimizer step. The medians over ``--steps`` steps (after ``--warmup`` untimed ones) are
+the forward pass and loss (``model.loss_terms``), the inner problems' steps (SEA's CLUB
+network; empty for the other models), ``loss.backward()``, and the optimizer step. The medians over ``--steps`` steps (after ``--warmup`` untimed ones) are
 printed beside the whole step's median.
 
 Why not torch.profiler: on this project's 2-core VM, profiling a TikTok step reported 130
@@ -33,14 +33,14 @@ from typing import Any
 import torch
 
 from benchmarks.run import encoder_flops, load_scale, matmul_gflops
-from cm3_pyg.models import get_model_class
+from cm3_pyg.models import Batch, get_model_class
 from cm3_pyg.training import load_config
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.memory import retain_freed_memory
 from cm3_pyg.training.sampler import epoch_batches
 from cm3_pyg.training.trainer import Trainer, seed_everything
 
-PHASES = ("negatives", "forward_and_loss", "backward", "optimizer_step")
+PHASES = ("negatives", "forward_and_loss", "inner_steps", "backward", "optimizer_step")
 
 
 def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -76,7 +76,11 @@ def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list
         cuts = [clock()]
         neg = trainer.sampler.sample(users, trainer.generator)
         cuts.append(clock())
-        loss = model.training_loss(inputs, users, pos, neg)
+        terms = model.loss_terms(inputs, Batch(users, pos, neg))
+        loss = terms.total
+        cuts.append(clock())
+        for problem in trainer.inner_problems:  # SEA's CLUB steps; nothing for the others
+            trainer.fit_inner(problem, terms.inner_inputs[problem.name])
         cuts.append(clock())
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -322,7 +322,7 @@ def _tiny_data(num_items: int = 12) -> HeteroData:
 def test_modality_knn_graph_adds_expected_graphs() -> None:
     data = _tiny_data()
     n, k = 12, 3
-    out = ModalityKNNGraph(k=k, block_size=5)(data)
+    out = ModalityKNNGraph(k=k, mm_image_weight=0.1, block_size=5)(data)
     for rel in ("image_knn", "text_knn", "mm_knn"):
         assert ("item", rel, "item") in out.edge_types
     # the input object is not modified (BaseTransform shallow-copies)

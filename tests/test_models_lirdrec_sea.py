@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from cm3_pyg.data import make_synthetic
 from cm3_pyg.errors import ConfigError
-from cm3_pyg.models import MODELS, SEA, GraphInputs, LIRDRec, get_model_class
+from cm3_pyg.models import MODELS, SEA, Batch, GraphInputs, LIRDRec, get_model_class
 from cm3_pyg.models.lirdrec import dct_matrix, dct_rows, progressive_mixing_weights
 from cm3_pyg.models.sea import CLUB, gaussian_nll
 from cm3_pyg.training import (
@@ -216,7 +217,7 @@ def test_registry_yaml_defaults_and_grids():
         assert load_config(defaults)["learning_rate"] == 1e-4  # the references' learning rate
         assert "grid" not in defaults and grid
         for key, values in grid.items():
-            assert key in defaults, (name, key)
+            assert key in load_config(defaults), (name, key)
             for value in values:
                 assert load_config(defaults, overrides={key: value})[key] == value
 
@@ -293,7 +294,7 @@ def test_sea_loss_and_gradients_match_dense_float64(data):
     assert float(parts.mi.detach()) > 0  # the clamp is not active: the bound's gradient is tested
     want = sea_reference(model, data, inputs64, users, pos, neg, perms)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
-    _check_grads(got, want, list(model.parameters()))
+    _check_grads(got, want, model.outer_parameters())
     # the outer loss never writes gradients into the CLUB network
     got.backward()
     assert all(p.grad is None for p in model.club.parameters())
@@ -374,55 +375,59 @@ def test_lirdrec_caches_the_dct_features(data):
 # --- SEA: the CLUB network and its own optimizer -------------------------------------------------
 
 
-def test_sea_club_network_is_outside_the_outer_optimizer(data):
+def test_sea_club_is_an_inner_problem_the_trainer_fits(data):
     model, inputs, config = build("sea", data)
     club_params = list(model.club.parameters())
     club_ids = {id(p) for p in club_params}
-    assert club_params and not club_ids & {id(p) for p in model.parameters()}
-    assert not any("club" in name for name, _ in model.named_parameters())
-    assert not any(isinstance(m, CLUB) for m in model.modules())
+    # a registered submodule: .to(), state_dict() and checkpoints see it ...
+    assert club_params and club_ids <= {id(p) for p in model.parameters()}
+    assert any(isinstance(m, CLUB) for m in model.modules())
+    # ... declared as an inner problem, so the outer optimiser never sees it
+    (problem,) = model.inner_problems()
+    assert problem.name == "club" and problem.module is model.club and problem.steps == 5
+    assert not club_ids & {id(p) for p in model.outer_parameters()}
     trainer = Trainer(model, inputs, get_splits(data), {**config, "epochs": 1}, progress=False)
     outer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert outer == {id(p) for p in model.parameters()} and not outer & club_ids
-    assert model.club_optimizer.param_groups[0]["lr"] == config["learning_rate"]
+    assert outer == {id(p) for p in model.outer_parameters()} and not outer & club_ids
+    inner = trainer.inner_optimizers["club"]
+    assert {id(p) for group in inner.param_groups for p in group["params"]} == club_ids
+    assert inner.param_groups[0]["lr"] == config["learning_rate"]  # club_lr: null
 
     users, pos, neg = a_batch(data)
-    # eval mode: no inner steps
-    model.eval()
     before = [p.detach().clone() for p in club_params]
-    model.training_loss(inputs, users, pos, neg)
+    terms = model.loss_terms(inputs, Batch(users, pos, neg))
+    # computing the loss alone never moves the CLUB network
     assert all(torch.equal(a, b) for a, b in zip(before, club_params, strict=True))
-    # training mode: the inner optimizer fits the CLUB network to the batch's pairs
-    model.train()
-    out = model(inputs.features, inputs.ui_adj, inputs.item_adj)
-    samples = model.losses(out, users, pos, neg).club_samples
+    samples = terms.inner_inputs["club"]
+    assert len(samples) == model.num_modalities
+    assert all(not a.requires_grad and not b.requires_grad for a, b in samples)
 
     def nll():
         with torch.no_grad():
-            return sum(float(model.club.learning_loss(a, b)) for a, b in samples)
+            return float(model.inner_loss("club", samples))
 
     start = nll()
-    loss = model.training_loss(inputs, users, pos, neg)
-    after_inner = [p.detach().clone() for p in club_params]
-    assert not all(torch.equal(a, b) for a, b in zip(before, after_inner, strict=True))
-    model.fit_club(samples, steps=30)
-    assert nll() < start
+    trainer.fit_inner(problem, samples)
+    assert not all(torch.equal(a, b) for a, b in zip(before, club_params, strict=True))
+    assert nll() < start and all(p.grad is None for p in club_params)
     # the outer backward/step leaves the CLUB network alone (and the outer loss is usable
     # although the inner steps changed its weights in place)
     fitted = [p.detach().clone() for p in club_params]
     trainer.optimizer.zero_grad()
-    loss.backward()
+    terms.total.backward()
     trainer.optimizer.step()
     assert all(p.grad is None for p in club_params)
     assert all(torch.equal(a, b) for a, b in zip(fitted, club_params, strict=True))
-    # the CLUB weights and the inner optimizer state are part of the model's state_dict
-    state = model.state_dict()
-    assert "_extra_state" in state and state["_extra_state"]["club_optimizer"] is not None
+    # the CLUB weights are in the model's state_dict, its optimiser's in the trainer's
+    state = trainer.state_dict()
+    assert any(key.startswith("club.") for key in state["model"])
+    assert state["inner_optimizers"]["club"]["state"]
     fresh, _, _ = build("sea", data, seed=3)
-    fresh.load_state_dict(state)
+    again = Trainer(fresh, inputs, get_splits(data), {**config, "epochs": 1}, progress=False)
+    again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.club.parameters(), club_params, strict=True))
-    got_state = fresh.club_optimizer.state_dict()["state"]
-    want_state = model.club_optimizer.state_dict()["state"]
+    got_state = again.inner_optimizers["club"].state_dict()["state"]
+    want_state = inner.state_dict()["state"]
     assert got_state.keys() == want_state.keys()
     for k in want_state:
         assert torch.equal(got_state[k]["exp_avg"], want_state[k]["exp_avg"])
@@ -454,10 +459,10 @@ def test_gaussian_nll_matches_autograd_of_the_formula():
         gaussian_nll(mu, logvar[:, :-1], y, weight)
 
 
-def test_sea_fit_club_steps_on_stacked_pairs_equal_per_pair_steps(data):
+def test_sea_inner_loss_on_stacked_pairs_equals_the_per_pair_sum(data):
     """The stacked, row-weighted inner loss has the per-pair sum's value and gradients, so
     one fitting step moves the network as a step on the sum over pairs would."""
-    model, _, _ = build("sea", data)
+    model, inputs, config = build("sea", data)
     model.double()
     gen = torch.Generator().manual_seed(1)
     dim = model.club.mu[0].in_features
@@ -478,10 +483,13 @@ def test_sea_fit_club_steps_on_stacked_pairs_equal_per_pair_steps(data):
 
     want = sum(plain_nll(reference, a, b) for a, b in samples)
     want.backward()
-    optimizer = torch.optim.Adam(reference.parameters(), lr=model.club_optimizer.defaults["lr"])
+    optimizer = torch.optim.Adam(reference.parameters(), lr=config["learning_rate"])
     optimizer.step()
-    got = model.fit_club(samples, steps=1)
-    assert math.isclose(got, float(want), rel_tol=1e-12)
+    got = float(model.inner_loss("club", samples).detach())
+    assert math.isclose(got, float(want.detach()), rel_tol=1e-12)
+    trainer = Trainer(model, as_double(inputs), get_splits(data), config, progress=False)
+    (problem,) = model.inner_problems()
+    trainer.fit_inner(replace(problem, steps=1), samples)
     for a, b in zip(model.club.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -500,7 +508,7 @@ def test_run_experiment_and_bit_identical_resume(name, data, tmp_path):
     assert full["model"] == name and full["epochs_run"] == 2
     assert 0.0 <= full["test"]["recall@20"] <= 1.0
     assert json.loads((tmp_path / "full" / "metrics.json").read_text())["model"] == name
-    # one epoch, then resume from the checkpoint (PWC buffers / CLUB state included)
+    # one epoch, then resume from the checkpoint (PWC buffers / CLUB network included)
     run_experiment(data, name, {**config, "epochs": 1}, out_dir=tmp_path / "cut", progress=False)
     resumed = run_experiment(
         data, name, config, out_dir=tmp_path / "cut", progress=False, resume=True
@@ -511,10 +519,13 @@ def test_run_experiment_and_bit_identical_resume(name, data, tmp_path):
     got = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["trainer"]["model"]
     assert got.keys() == want.keys()
     for key, value in want.items():
-        if key == "_extra_state":  # SEA: the CLUB weights and its optimizer's moments
-            for k, w in value["club"].items():
-                assert torch.equal(got[key]["club"][k], w), k
-            for k, w in value["club_optimizer"]["state"].items():
-                assert torch.equal(got[key]["club_optimizer"]["state"][k]["exp_avg"], w["exp_avg"])
-        else:
-            assert torch.equal(got[key], value), key
+        assert torch.equal(got[key], value), key
+    # SEA: the CLUB network's own optimiser moments too
+    want_inner = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["trainer"]["inner_optimizers"]
+    got_inner = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["trainer"]["inner_optimizers"]
+    assert got_inner.keys() == want_inner.keys() == ({"club"} if name == "sea" else set())
+    for opt_name, opt_state in want_inner.items():
+        for k, w in opt_state["state"].items():
+            got_moments = got_inner[opt_name]["state"][k]
+            assert torch.equal(got_moments["exp_avg"], w["exp_avg"])
+            assert torch.equal(got_moments["exp_avg_sq"], w["exp_avg_sq"])

@@ -362,6 +362,7 @@ def _valid_checkpoint(path: Path) -> dict:
             "epoch",
             "model",
             "optimizer",
+            "inner_optimizers",
             "generator",
             "rng",
             "early_stopping",

@@ -245,9 +245,11 @@ class Recommender(torch.nn.Module):
     def check_feature_dims(cls, feature_dims: Sequence[int]) -> list[int]:
         """``feature_dims`` as ints, at least :attr:`min_modalities` of them."""
         if len(feature_dims) < cls.min_modalities:
+            count = {1: "one item modality", 2: "two item modalities"}.get(
+                cls.min_modalities, f"{cls.min_modalities} item modalities"
+            )
             raise ValueError(
-                f"{cls.__name__} needs at least {cls.min_modalities} item modalities, "
-                f"got feature_dims={list(feature_dims)}"
+                f"{cls.__name__} needs at least {count}, got feature_dims={list(feature_dims)}"
             )
         return [int(d) for d in feature_dims]
 

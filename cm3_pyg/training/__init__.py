@@ -5,6 +5,7 @@ from cm3_pyg.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_c
 from cm3_pyg.training.config import load_config, parse_overrides, training_defaults
 from cm3_pyg.training.experiment import run_experiment
 from cm3_pyg.training.inputs import Splits, build_graph_inputs, get_splits
+from cm3_pyg.training.loading import TrainedRun, load_run
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
 from cm3_pyg.training.trainer import (
     EarlyStopping,
@@ -23,6 +24,7 @@ __all__ = [
     "NegativeSampler",
     "NonFiniteLossError",
     "Splits",
+    "TrainedRun",
     "Trainer",
     "atomic_torch_save",
     "build_graph_inputs",
@@ -30,6 +32,7 @@ __all__ = [
     "get_splits",
     "load_checkpoint",
     "load_config",
+    "load_run",
     "parse_overrides",
     "run_experiment",
     "save_checkpoint",
