@@ -6,8 +6,9 @@
 Each step of the trainer's own loop is cut into five phases, timed with a wall clock
 around each (on CUDA with a synchronisation at every cut): drawing the batch's negatives,
 the forward pass and loss (``model.loss_terms``), the inner problems' steps (SEA's CLUB
-network; empty for the other models), ``loss.backward()``, and the optimizer step. The medians over ``--steps`` steps (after ``--warmup`` untimed ones) are
-printed beside the whole step's median.
+network; empty for the other models), ``loss.backward()``, and the optimizer step. The
+medians over ``--steps`` steps (after ``--warmup`` untimed ones) are printed beside the
+whole step's median.
 
 Why not torch.profiler: on this project's 2-core VM, profiling a TikTok step reported 130
 to 250 ms of operator time for a step that takes about 105 ms unprofiled, and it put most

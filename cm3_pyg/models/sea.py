@@ -76,7 +76,14 @@ from torch.nn import (
 )
 
 from cm3_pyg.models._common import split_users_items
-from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
+from cm3_pyg.models.base import (
+    Batch,
+    BatchRows,
+    GraphInputs,
+    InnerProblem,
+    LossTerms,
+    Recommender,
+)
 from cm3_pyg.nn import (
     UserItemPropagation,
     info_nce_loss,
@@ -405,7 +412,18 @@ class SEA(Recommender):
             inner_inputs={"club": [(a.detach(), b.detach()) for a, b in parts.club_samples]},
         )
 
+    def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
+        out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
+        return BatchRows(
+            out.user.index_select(0, batch.users),
+            out.item.index_select(0, batch.pos_items),
+            out.item.index_select(0, batch.neg_items),
+            out=out,
+        )
+
     def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
+        """``ranking`` is the objective (BPR) on the scores in log base 2, the auxiliary
+        terms the weighted CLUB bound and Solosimloss; the CLUB pairs are the inner inputs."""
         out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
         parts = self.losses(out, batch.users, batch.pos_items, batch.neg_items)
         return self._terms(parts)
