@@ -35,8 +35,7 @@ def _csr_mm(matrix: Tensor, x: Tensor) -> Tensor:
 
     On CPU the ``reduce="sum"`` kernel is used: it writes the rows directly, where the
     default CPU path zero-fills the output and copies operands around the same product
-    (about 4x slower on the TikTok graph, see BENCHMARKS.md). Other devices have no such
-    kernel and take the default path.
+    (BENCHMARKS.md). Other devices have no such kernel and take the default path.
     """
     if x.device.type == "cpu":
         return torch.sparse.mm(matrix, x.contiguous(), "sum")
