@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from cm3_pyg.nn.losses import ClampedCosineSimilarity
     from cm3_pyg.nn.sparse import SparseAdjacency
 
 __all__ = [
@@ -165,7 +166,10 @@ def uniformity_loss(x: Tensor, t: float = 2.0, counts: Tensor | None = None) -> 
 
 
 def calibrated_uniformity_loss(
-    x: Tensor, sim: Any, t: float = 2.0, counts: Tensor | None = None
+    x: Tensor,
+    sim: Tensor | ClampedCosineSimilarity,
+    t: float = 2.0,
+    counts: Tensor | None = None,
 ) -> Tensor:
     r""":math:`\log \frac{1}{B(B-1)} \sum_{a \ne b}
     e^{-t (\lVert x_a - x_b \rVert^2 - 2 + 2 s_{ab})}`.
