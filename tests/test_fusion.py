@@ -162,7 +162,7 @@ def test_fusion_validation_and_repr():
 
 def _autograd_slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """slerp's coefficients differentiated by autograd (the reference for its hand backward)."""
-    from cm3_pyg.nn.fusion import _combine, _slerp_coefficients
+    from cm3_pyg.nn.kernels.slerp import _combine, _slerp_coefficients
 
     return _combine(a, b, _slerp_coefficients(a, b, t))
 

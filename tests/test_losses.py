@@ -222,16 +222,16 @@ def test_extreme_scales_stay_finite():
 def test_shift_bound_falls_back_to_the_exact_maximum(monkeypatch):
     # On CPU each tile is shifted by an upper bound of the exponents known in advance; if
     # the sum then underflows (rows far apart) the exact maximum is used instead.
-    from cm3_pyg.nn import losses
+    from cm3_pyg.nn.kernels import pairwise
 
     shifts = []
-    original = losses._exp_tiles
+    original = pairwise._exp_tiles
 
     def spy(*args, shift):
         shifts.append(shift)
         return original(*args, shift=shift)
 
-    monkeypatch.setattr(losses, "_exp_tiles", spy)
+    monkeypatch.setattr(pairwise, "_exp_tiles", spy)
     x = unit(12, 5, 3)
     counts = torch.tensor([1, 2, 1, 4, 1, 1, 1, 1, 3, 1, 1, 1])
     f = torch.randn(12, 4, dtype=torch.float64)
@@ -288,11 +288,11 @@ def test_upper_half_tiles_match_brute_force(monkeypatch, n, tile_rows):
     # The kernel forms the upper half of the symmetric pairwise matrix tile by tile; the
     # tile size is lowered here so small, brute-forceable inputs take that path (unequal
     # bands for N = 8 with 3 rows per tile, N = 9 with 4), or raised to one whole tile.
-    from cm3_pyg.nn import losses
+    from cm3_pyg.nn.kernels import pairwise
 
-    monkeypatch.setattr(losses, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(pairwise, "TILE_ROWS", tile_rows)
     parts = -(-n // tile_rows)
-    assert len(losses._symmetric_tiles(n)) == parts * (parts + 1) // 2
+    assert len(pairwise._symmetric_tiles(n)) == parts * (parts + 1) // 2
     counts = torch.tensor([2, 1, 3, 1, 1, 2, 1, 1, 4][:n])
     base_x, base_f = unit(n, 6, 21), torch.randn(n, 5, dtype=torch.float64)
     base_s = torch.rand(n, n, dtype=torch.float64)

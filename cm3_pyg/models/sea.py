@@ -59,7 +59,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,6 +86,7 @@ from cm3_pyg.models.base import (
 )
 from cm3_pyg.nn import (
     UserItemPropagation,
+    gaussian_nll,
     info_nce_loss,
     normalize_rows,
     propagate_item_graph,
@@ -102,56 +103,9 @@ def solosim_loss(anchor: Tensor, other: Tensor, temperature: float) -> Tensor:
     return info_nce_loss(normalize_rows(anchor), normalize_rows(other), temperature)
 
 
-class _GaussianNLL(torch.autograd.Function):
-    """Row-weighted Gaussian negative log-likelihood with a hand-written backward.
-
-    CLUB's inner loop evaluates it 50 times per batch on ``[num_items, club_dim]``
-    tensors; autograd's version runs about twenty elementwise passes there, this one eight.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, mu: Tensor, logvar: Tensor, y: Tensor, row_weight: Tensor) -> Tensor:
-        diff = mu - y
-        scaled = logvar.neg().exp_().mul_(diff)  # (mu - y) / sigma^2
-        squared = diff.mul_(scaled)  # (mu - y)^2 / sigma^2, reusing diff's storage
-        per_row = squared.sum(1).add_(logvar.sum(1))
-        ctx.save_for_backward(scaled, squared, row_weight)
-        return torch.dot(per_row, row_weight) * 0.5
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        scaled, squared, row_weight = ctx.saved_tensors
-        need_mu, need_logvar, need_y, _ = ctx.needs_input_grad
-        weight = (row_weight * grad).unsqueeze(1)
-        grad_diff = scaled * weight if need_mu or need_y else None  # d loss / d (mu - y)
-        grad_logvar = None
-        if need_logvar:
-            grad_logvar = torch.sub(1.0, squared).mul_(weight).mul_(0.5)
-        grad_y = -grad_diff if need_y and grad_diff is not None else None
-        grad_mu = grad_diff if need_mu else None
-        return grad_mu, grad_logvar, grad_y, None  # row_weight is detached by gaussian_nll
-
-
 def _mean_weights(rows: Tensor) -> Tensor:
     """``[N]`` weights ``1/N``: a row-weighted sum with them is the mean over ``rows``."""
     return rows.new_full((rows.size(0),), 1.0 / max(rows.size(0), 1))
-
-
-def gaussian_nll(mu: Tensor, logvar: Tensor, y: Tensor, row_weight: Tensor) -> Tensor:
-    r""":math:`\sum_i w_i \sum_j \tfrac12[(\mu_{ij} - y_{ij})^2 e^{-\ell_{ij}} + \ell_{ij}]`
-    for ``mu``, ``logvar`` (:math:`\ell`), ``y`` of shape ``[N, d]`` and ``row_weight``
-    (:math:`w`, ``[N]``, not differentiated)."""
-    if not (mu.shape == logvar.shape == y.shape) or mu.dim() != 2:
-        raise ValueError(
-            f"gaussian_nll: mu, logvar and y must share one [N, d] shape, got "
-            f"{tuple(mu.shape)}, {tuple(logvar.shape)}, {tuple(y.shape)}"
-        )
-    if row_weight.shape != (mu.size(0),):
-        raise ValueError(
-            f"gaussian_nll: row_weight must have shape [{mu.size(0)}], "
-            f"got {tuple(row_weight.shape)}"
-        )
-    return _GaussianNLL.apply(mu, logvar, y, row_weight.detach())
 
 
 class CLUB(torch.nn.Module):

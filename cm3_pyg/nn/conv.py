@@ -2,12 +2,11 @@ r"""Propagation over pre-normalised sparse graphs."""
 
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 
-from cm3_pyg.nn.sparse import COMBINE_MODES, SparseAdjacency, combine_layers, spmm
+from cm3_pyg.nn.sparse import COMBINE_MODES, Adjacency, as_adjacency, combine_layers, spmm
 
 
 class UserItemPropagation(MessagePassing):
@@ -23,10 +22,10 @@ class UserItemPropagation(MessagePassing):
     is the sum of all layers (CM3, LightGCN's propagation without averaging), their mean
     (LightGCN, BM3), or the last layer alone.
 
-    The layer has no parameters. With a sparse adjacency (a
-    :class:`~cm3_pyg.nn.sparse.SparseAdjacency` from :func:`~cm3_pyg.nn.to_adjacency`, a
-    torch CSR/COO tensor, or a ``torch_sparse.SparseTensor``) message passing is one fused
-    sparse-dense product per layer (:meth:`message_and_aggregate`); with an ``edge_index``
+    The layer has no parameters. With a :class:`~cm3_pyg.nn.sparse.SparseAdjacency` (from
+    :func:`~cm3_pyg.nn.to_adjacency`; a torch CSR/COO tensor or a ``torch_sparse.SparseTensor``
+    is converted by :func:`~cm3_pyg.nn.as_adjacency` on each call) all layers run as sparse
+    products (:meth:`~cm3_pyg.nn.sparse.SparseAdjacency.propagate`); with an ``edge_index``
     and ``edge_weight`` it falls back to explicit messages, so results agree either way.
 
     Args:
@@ -54,10 +53,13 @@ class UserItemPropagation(MessagePassing):
     def reset_parameters(self) -> None:
         """No learnable parameters."""
 
-    def forward(self, x: Tensor, adj_t: Any, edge_weight: Tensor | None = None) -> Tensor:
-        if isinstance(adj_t, SparseAdjacency):
+    def forward(
+        self, x: Tensor, adj_t: Adjacency | Tensor, edge_weight: Tensor | None = None
+    ) -> Tensor:
+        if not _is_edge_index(adj_t):
             # PyG's propagate() does not know this type; all layers run as one fused node.
-            return adj_t.propagate(x, self.num_layers, self.combine)
+            adj = as_adjacency(adj_t, "adj_t")
+            return adj.propagate(x, self.num_layers, self.combine)
         return combine_layers(
             lambda h: self.propagate(adj_t, x=h, edge_weight=edge_weight),
             x,
@@ -66,7 +68,7 @@ class UserItemPropagation(MessagePassing):
         )
 
     def forward_rows(
-        self, x: Tensor, adj_t: Any, num_users: int, users: Tensor
+        self, x: Tensor, adj_t: Adjacency, num_users: int, users: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(out[users], out[num_users:])`` of :meth:`forward` on a user-item graph (users
         first): the rows a training batch reads.
@@ -78,34 +80,38 @@ class UserItemPropagation(MessagePassing):
 
         Args:
             x: ``[U + I, F]``.
-            adj_t: as :meth:`forward` (no ``edge_index`` form).
+            adj_t: the adjacency (no ``edge_index`` form; other sparse representations are
+                converted by :func:`~cm3_pyg.nn.as_adjacency`).
             num_users: ``U``.
             users: ``[B]`` user ids.
 
         Returns:
             ``[B, F]`` and ``[I, F]``.
         """
-        if isinstance(adj_t, SparseAdjacency):
-            return adj_t.propagate_rows(x, self.num_layers, self.combine, num_users, users)
-        out = self(x, adj_t)
-        user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
-        return user_rows.index_select(0, users), item_rows
+        adj = as_adjacency(adj_t, "adj_t")
+        return adj.propagate_rows(x, self.num_layers, self.combine, num_users, users)
 
     def message(self, x_j: Tensor, edge_weight: Tensor | None) -> Tensor:
         return x_j if edge_weight is None else x_j * edge_weight.view(-1, 1)
 
-    def message_and_aggregate(self, adj_t: Any, x: Tensor) -> Tensor:
+    def message_and_aggregate(self, adj_t: Adjacency, x: Tensor) -> Tensor:
         return spmm(adj_t, x)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(num_layers={self.num_layers}, combine={self.combine!r})"
 
 
-def propagate_item_graph(h: Tensor, item_adj: Any, num_layers: int) -> Tensor:
+def _is_edge_index(adj_t: object) -> bool:
+    """Whether ``adj_t`` is a dense ``[2, E]`` index (PyG's message-passing form)."""
+    return isinstance(adj_t, Tensor) and adj_t.layout == torch.strided
+
+
+def propagate_item_graph(h: Tensor, item_adj: Adjacency, num_layers: int) -> Tensor:
     r"""The item-item graph step of CM3/FREEDOM: :math:`h + S^{n} h` (``num_layers = n``)."""
+    adj = as_adjacency(item_adj, "item_adj")
     out = h
     for _ in range(num_layers):
-        out = spmm(item_adj, out)
+        out = adj.matmul(out)
     return h + out if num_layers > 0 else h
 
 

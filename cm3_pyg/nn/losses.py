@@ -1,23 +1,25 @@
 r"""Losses for contrastive and ranking objectives on unit-sphere embeddings.
 
 The pairwise losses work on one Gram matrix of the batch inside a fused kernel with a
-hand-written backward: nothing allocates an index tensor of all pairs, the ``log mean exp``
-is shifted by a bound of its terms (or their maximum) so it cannot overflow or underflow,
-and repeated rows can be passed once with their multiplicity.
+hand-written backward (:mod:`cm3_pyg.nn.kernels.pairwise`): nothing allocates an index
+tensor of all pairs, the ``log mean exp`` is shifted by a bound of its terms (or their
+maximum) so it cannot overflow or underflow, and repeated rows can be passed once with
+their multiplicity. Their plain versions are in :mod:`cm3_pyg.nn.reference`;
+:func:`cm3_pyg.nn.kernels.use_kernel` picks one per call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from cm3_pyg.nn import reference
 from cm3_pyg.nn.functional import normalize_rows
+from cm3_pyg.nn.kernels import gaussian, pairwise, use_kernel
 
 
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
@@ -79,194 +81,6 @@ class ClampedCosineSimilarity(NamedTuple):
     max_sim: float | None = None
 
 
-#: Rows per tile of the pairwise matrix. The upper half of the symmetric ``[N, N]`` matrix is
-#: formed tile by tile (``p (p + 1) / 2`` tiles for ``p = ceil(N / TILE_ROWS)`` row bands):
-#: each tile's product, shift, ``exp`` and sum run while it is in cache, about half the
-#: square's FLOPs are spent (``(p + 1) / 2p`` of them), and tiles of this size run the GEMM
-#: faster than one ``[N, N]`` product (BENCHMARKS.md).
-TILE_ROWS = 512
-
-
-def _symmetric_tiles(n: int) -> tuple[tuple[slice, slice], ...]:
-    """Row/column slices of the tiles covering the upper half of a symmetric ``[n, n]`` matrix."""
-    parts = max(1, -(-n // TILE_ROWS))
-    bounds = [(k * n) // parts for k in range(parts + 1)]
-    bands = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return tuple((bands[i], bands[j]) for i in range(parts) for j in range(i, parts))
-
-
-def _symmetric_matmul(
-    tiles: Sequence[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor
-) -> Tensor:
-    """``M @ y`` for the symmetric ``M`` stored as its :func:`_symmetric_tiles` tiles."""
-    if len(tiles) == 1:
-        return tiles[0] @ y
-    out = y.new_zeros(y.shape)
-    for tile, (rows, cols) in zip(tiles, cuts, strict=True):
-        out[rows].addmm_(tile, y[cols])
-        if rows != cols:
-            out[cols].addmm_(tile.t(), y[rows])
-    return out
-
-
-class _PairwiseLogSumExp(torch.autograd.Function):
-    r""":math:`\log \sum_{a \ne b} m_a m_b e^{\ell_{ab}} + \sum_a m_a (m_a - 1) e^{\ell_{aa}}`.
-
-    :math:`\ell_{ab} = -t\|x_a - x_b\|^2 - 2t\,s_{ab}` over ``N`` distinct rows ``x`` with
-    multiplicities ``m``: the sum over ordered pairs of distinct positions of a batch in
-    which row ``a`` occurs ``m_a`` times (a repeated row pairs with itself at distance 0).
-
-    Forward: matrix products of augmented rows give every
-    :math:`-t\|x_a - x_b\|^2 + \log m_a + \log m_b`
-    (:math:`2t\,x_a \cdot x_b - t n_a - t n_b` is the inner product of
-    :math:`[\sqrt{2t}\,x_a, -t n_a + \log m_a, 1]` and
-    :math:`[\sqrt{2t}\,x_b, 1, -t n_b + \log m_b]`), then a few in-place passes
-    (similarity, diagonal, shift, exp, sum), tile by tile over the upper half of the
-    symmetric matrix (:func:`_symmetric_tiles`; off-diagonal tiles count twice).
-
-    The shift that keeps ``exp`` in range is an upper bound of every exponent, known before
-    any tile is formed: by Cauchy-Schwarz :math:`-t\|x_a - x_b\|^2 \le 0`, so
-    :math:`\ell_{ab} + \log m_a m_b \le 2 \max \log m - 2t\,s_{\min}`. Each tile is then
-    finished while it is in cache. For unit rows (CM3) the largest term is at least
-    :math:`e^{-4t - 2t(s_{\max} - s_{\min}) - 2\log \max m}`, far from underflow; when the
-    sum still comes out non-finite or tiny (huge rows, rounding beyond the bound), or on an
-    accelerator (where checking would be a host sync), the exact maximum is used instead,
-    at the cost of one more pass.
-
-    Backward: with :math:`P = e^{\ell}/\sum e^{\ell}` (symmetric),
-    :math:`\partial/\partial x_a = -4t\,(\sum_b P_{ab}\,x_a - (P x)_a)`: one product
-    :math:`P\,[x, 1]` gives both terms (the diagonal cancels). A clamped-cosine similarity
-    adds one product forward and one backward.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        counts: Tensor | None,
-        sim: Tensor | None,
-        unit_features: Tensor | None,
-        min_sim: float | None,
-        max_sim: float | None,
-        t: float,
-    ) -> Tensor:
-        sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
-        bias = sq_norm.mul(-t)
-        if counts is not None:
-            bias = bias + counts.log().unsqueeze(-1)
-        ones = torch.ones_like(sq_norm)
-        scaled = x * math.sqrt(2.0 * t)
-        left = torch.cat([scaled, bias, ones], dim=-1)
-        right = torch.cat([scaled, ones, bias], dim=-1)
-        # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
-        if counts is None:
-            diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
-        else:
-            diagonal = torch.log(counts * (counts - 1.0))
-        cuts = _symmetric_tiles(x.size(0))
-        shift = None
-        if x.device.type == "cpu":
-            if unit_features is not None:
-                low = -1.0 if min_sim is None else max(min_sim, -1.0)
-            else:
-                low = 0.0 if sim is None else float(sim.min())
-            top = 0.0 if counts is None else 2.0 * float(counts.max().log())
-            shift = top - 2.0 * t * low
-        args = (left, right, diagonal, sim, unit_features, min_sim, max_sim, t, cuts)
-        tiles, keeps, total, peak = _exp_tiles(*args, shift=shift)
-        if shift is not None and not 1e-15 < float(total) < float("inf"):
-            tiles, keeps, total, peak = _exp_tiles(*args, shift=None)
-        ctx.cuts = cuts
-        ctx.save_for_backward(x, total, unit_features, *tiles, *keeps)
-        ctx.t = t
-        return peak + total.log()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, total, unit_features, *rest = ctx.saved_tensors
-        cuts, t = ctx.cuts, ctx.t
-        weights, keeps = rest[: len(cuts)], rest[len(cuts) :]
-        scale = grad / total
-        grad_x = grad_sim = grad_features = None
-        if ctx.needs_input_grad[2]:
-            n = x.size(0)
-            grad_sim = weights[0].new_empty(n, n)
-            for tile, (rows, cols) in zip(weights, cuts, strict=True):
-                grad_sim[rows, cols] = tile
-                if rows != cols:
-                    grad_sim[cols, rows] = tile.t()
-            grad_sim.mul_(scale * -2.0 * t)
-        if ctx.needs_input_grad[0]:
-            ones = torch.ones_like(x[:, :1])
-            px = _symmetric_matmul(weights, cuts, torch.cat([x, ones], dim=-1))
-            d = x.size(1)
-            grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
-        if ctx.needs_input_grad[3]:
-            # d cos_ab: only where the clamp passed it (as torch.clamp).
-            masked = [w * k for w, k in zip(weights, keeps, strict=True)] if keeps else weights
-            grad_features = _symmetric_matmul(masked, cuts, unit_features) * (scale * -4.0 * t)
-        return grad_x, None, grad_sim, grad_features, None, None, None
-
-
-def _exp_tiles(
-    left: Tensor,
-    right: Tensor,
-    diagonal: Tensor,
-    sim: Tensor | None,
-    unit_features: Tensor | None,
-    min_sim: float | None,
-    max_sim: float | None,
-    t: float,
-    cuts: tuple[tuple[slice, slice], ...],
-    shift: float | None,
-) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-    r"""The tiles of :math:`e^{\ell - c}`, the clamp masks, their total and the shift ``c``.
-
-    ``shift=None`` shifts by the exact maximum (all tiles are formed first); a number is
-    applied to each tile as soon as it is formed.
-    """
-    tiles: list[Tensor] = []
-    keeps: list[Tensor] = []
-    total = left.new_zeros(())
-    for rows, cols in cuts:
-        tile = left[rows] @ right[cols].t()
-        part = None
-        if unit_features is not None:
-            part = unit_features[rows] @ unit_features[cols].t()
-            if (min_sim, max_sim) != (None, None):
-                if unit_features.requires_grad:
-                    # torch.clamp's gradient rule: it passes where min <= cos <= max, i.e.
-                    # where the clamp leaves cos unchanged. The in-place comparison turns
-                    # the raw tile into that 0/1 mask in its own dtype (bool masks are
-                    # several times slower on N^2 entries).
-                    raw = part
-                    part = raw.clamp(min=min_sim, max=max_sim)
-                    keeps.append(raw.eq_(part))
-                else:
-                    part.clamp_(min=min_sim, max=max_sim)
-        elif sim is not None:
-            part = sim[rows, cols]
-        if part is not None:
-            tile.sub_(part, alpha=2.0 * t)
-        if rows == cols:
-            on_diagonal = diagonal[rows]
-            if part is not None:
-                on_diagonal = on_diagonal - 2.0 * t * part.diagonal()
-            tile.diagonal().copy_(on_diagonal)
-        if shift is not None:
-            tile.sub_(shift).exp_()
-            total = total + tile.sum() * (1.0 if rows == cols else 2.0)
-        tiles.append(tile)
-    if shift is not None:
-        return tiles, keeps, total, left.new_tensor(shift)
-    peak = torch.stack([tile.max() for tile in tiles]).max()
-    for tile, (rows, cols) in zip(tiles, cuts, strict=True):
-        tile.sub_(peak).exp_()
-        total = total + tile.sum() * (1.0 if rows == cols else 2.0)
-    return tiles, keeps, total, peak
-
-
 def _pairwise_uniformity(
     x: Tensor,
     t: float,
@@ -287,18 +101,23 @@ def _pairwise_uniformity(
         if bool((counts < 1).any()):
             raise ValueError("counts must be >= 1 (multiplicity of each row in the batch)")
         size = float(counts.sum())
-    features = min_sim = max_sim = None
-    sim_tensor = None
     if isinstance(sim, ClampedCosineSimilarity):
         if sim.features.size(0) != n:
             raise ValueError(
                 f"sim.features must have {n} rows (one per row of x), got {sim.features.size(0)}"
             )
+    elif sim is not None and sim.shape != (n, n):
+        raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
+    if not use_kernel("pairwise_log_sum_exp", x):
+        if sim is None:
+            return reference.uniformity_loss(x, t, counts)
+        return reference.calibrated_uniformity_loss(x, sim, t, counts)
+    features = min_sim = max_sim = None
+    sim_tensor = None
+    if isinstance(sim, ClampedCosineSimilarity):
         features = normalize_rows(sim.features)
         min_sim, max_sim = sim.min_sim, sim.max_sim
     elif sim is not None:
-        if sim.shape != (n, n):
-            raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
         # Only the upper triangle (and, for repeated rows, the diagonal) is read; mirroring
         # it makes the matrix exactly symmetric, which the fused backward relies on.
         upper = torch.triu(sim, diagonal=1)
@@ -311,7 +130,7 @@ def _pairwise_uniformity(
         if sim_tensor is not None:
             zero = zero + sim_tensor.sum() * 0.0
         return zero
-    lse = _PairwiseLogSumExp.apply(x, counts, sim_tensor, features, min_sim, max_sim, t)
+    lse = pairwise.pairwise_log_sum_exp(x, counts, sim_tensor, features, min_sim, max_sim, t)
     return lse - math.log(size * (size - 1.0)) + offset
 
 
@@ -384,51 +203,6 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
-class _BlockwiseInfoNCE(torch.autograd.Function):
-    r"""Mean over rows of :math:`\log\sum_j e^{\langle a_i, o_j \rangle} - \langle a_i, o_i\rangle`.
-
-    The ``[N, N]`` logits are never held whole: the forward keeps only each row's
-    log-sum-exp, and the backward recomputes the logits ``block_rows`` rows at a time, turns
-    them into softmax weights in place and multiplies them out. Autograd through
-    ``torch.logsumexp`` instead keeps several full ``[N, N]`` buffers and makes
-    about ten passes over them.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, anchor: Tensor, other: Tensor, block_rows: int) -> Tensor:
-        n = anchor.size(0)
-        lse = anchor.new_empty(n)
-        for start in range(0, n, block_rows):
-            rows = slice(start, min(start + block_rows, n))
-            lse[rows] = torch.logsumexp(anchor[rows] @ other.t(), dim=1)
-        positive = (anchor * other).sum(dim=1)
-        ctx.save_for_backward(anchor, other, lse)
-        ctx.block_rows = block_rows
-        return (lse - positive).mean()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        anchor, other, lse = ctx.saved_tensors
-        n = anchor.size(0)
-        grad_anchor = torch.empty_like(anchor)
-        grad_other = torch.zeros_like(other)
-        for start in range(0, n, ctx.block_rows):
-            rows = slice(start, min(start + ctx.block_rows, n))
-            weights = (anchor[rows] @ other.t()).sub_(lse[rows].unsqueeze(1)).exp_()
-            grad_anchor[rows] = weights @ other
-            grad_other.addmm_(weights.t(), anchor[rows])
-        scale = grad / n
-        # d/d<a_i, o_i> of the positive term is -1 on the diagonal.
-        grad_anchor = grad_anchor.sub_(other).mul_(scale)
-        grad_other = grad_other.sub_(anchor).mul_(scale)
-        return (
-            grad_anchor if ctx.needs_input_grad[0] else None,
-            grad_other if ctx.needs_input_grad[1] else None,
-            None,
-        )
-
-
 def info_nce_loss(
     anchor: Tensor, other: Tensor, temperature: float = 1.0, block_rows: int = 1024
 ) -> Tensor:
@@ -464,4 +238,32 @@ def info_nce_loss(
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     if anchor.size(0) == 0:
         return (anchor.sum() + other.sum()) * 0.0
-    return _BlockwiseInfoNCE.apply(anchor / temperature, other, int(block_rows))
+    if not use_kernel("info_nce", anchor):
+        return reference.info_nce_loss(anchor, other, temperature)
+    return pairwise.info_nce(anchor / temperature, other, int(block_rows))
+
+
+def gaussian_nll(mu: Tensor, logvar: Tensor, y: Tensor, row_weight: Tensor) -> Tensor:
+    r"""Row-weighted Gaussian negative log-likelihood (CLUB's variational network, SEA).
+
+    .. math::
+        \sum_i w_i \sum_j \tfrac12\left[(\mu_{ij} - y_{ij})^2 e^{-\ell_{ij}} + \ell_{ij}\right]
+
+    for ``mu``, ``logvar`` (:math:`\ell`) and ``y`` of shape ``[N, d]`` and ``row_weight``
+    (:math:`w`, ``[N]``, not differentiated). The kernel
+    (:mod:`cm3_pyg.nn.kernels.gaussian`) makes eight elementwise passes where autograd
+    makes about twenty: SEA evaluates it 50 times per batch.
+    """
+    if not (mu.shape == logvar.shape == y.shape) or mu.dim() != 2:
+        raise ValueError(
+            f"gaussian_nll: mu, logvar and y must share one [N, d] shape, got "
+            f"{tuple(mu.shape)}, {tuple(logvar.shape)}, {tuple(y.shape)}"
+        )
+    if row_weight.shape != (mu.size(0),):
+        raise ValueError(
+            f"gaussian_nll: row_weight must have shape [{mu.size(0)}], "
+            f"got {tuple(row_weight.shape)}"
+        )
+    if not use_kernel("gaussian_nll", mu):
+        return reference.gaussian_nll(mu, logvar, y, row_weight)
+    return gaussian.gaussian_nll(mu, logvar, y, row_weight.detach())

@@ -7,9 +7,9 @@ An adjacency here is a fixed matrix ``A`` with ``out = A @ x`` (row ``i`` lists 
 * ``"csr"``: ``torch.sparse_csr_tensor`` products (:func:`torch.sparse.mm`, on CPU its
   ``reduce="sum"`` kernel) in both directions. The transpose is built once, so the
   backward pass is one more CSR product; autograd's own backward of ``torch.sparse.mm``
-  re-transposes (sorts) the matrix on every call, which cost as much as the products
-  themselves on the TikTok graph. A symmetric matrix (the normalised user-item graph) is
-  its own transpose and is stored once.
+  re-transposes (sorts) the matrix on every call (BENCHMARKS.md). A symmetric matrix (the
+  normalised user-item graph) is its own transpose and is stored once. The kernels are in
+  :mod:`cm3_pyg.nn.kernels.spmm`.
 * ``"edge_index"``: PyG's :class:`torch_geometric.EdgeIndex` with its cached CSR/CSC
   metadata (``EdgeIndex.matmul``).
 * ``"torch_sparse"``: ``torch_sparse.SparseTensor`` (optional ``sparse`` extra).
@@ -19,21 +19,24 @@ keeps the fastest (see :func:`choose_backend`). PyG's generic
 ``torch_geometric.utils.spmm`` is not offered: on a CSR tensor it adds conversions around
 the same product (``benchmarks/`` measures it).
 
-:func:`spmm` also accepts a plain torch sparse (CSR/COO) tensor or a ``SparseTensor``.
+:class:`SparseAdjacency` (alias :data:`Adjacency`) is the one adjacency type of
+:mod:`cm3_pyg.nn`; :func:`as_adjacency` converts a torch sparse (CSR/COO) tensor or a
+``SparseTensor`` to it, once, at the boundary.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from cm3_pyg.nn import reference
+from cm3_pyg.nn.kernels import spmm as csr_kernels
+from cm3_pyg.nn.kernels import use_kernel
 from cm3_pyg.typing import WITH_TORCH_SPARSE
 
 logger = logging.getLogger(__name__)
@@ -70,16 +73,6 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _csr(row: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
-    """CSR tensor of coalesced (row-major sorted, unique) entries."""
-    counts = torch.bincount(row, minlength=shape[0])
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=row.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on mm
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, value, shape, check_invariants=False)
-
-
 def _coalesce(
     edge_index: Tensor, edge_weight: Tensor, shape: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,19 +89,6 @@ def _coalesce(
     coo = torch.sparse_coo_tensor(edge_index, edge_weight, shape, check_invariants=False).coalesce()
     index = coo.indices()
     return index[0], index[1], coo.values()
-
-
-def _csr_mm(matrix: Tensor, x: Tensor) -> Tensor:
-    """``matrix @ x`` for a CSR ``matrix`` (no autograd).
-
-    On CPU the ``reduce="sum"`` kernel is used: it writes the rows directly, where the
-    default CPU path zero-fills the output and copies operands around the same product
-    (about 4x slower on the TikTok graph, see BENCHMARKS.md). Other devices have no such
-    kernel and take the default path.
-    """
-    if x.device.type == "cpu":
-        return torch.sparse.mm(matrix, x.contiguous(), "sum")
-    return torch.sparse.mm(matrix, x)
 
 
 #: How the layers ``x, A x, ..., A^L x`` of a propagation are combined.
@@ -134,154 +114,6 @@ def combine_layers(
     if total is None:
         return h
     return total / (num_layers + 1) if combine == "mean" else total
-
-
-class _CSRProduct(torch.autograd.Function):
-    """``A @ x`` whose backward is ``A^T @ grad`` with a prebuilt ``A^T``."""
-
-    @staticmethod
-    def forward(ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor) -> Tensor:
-        ctx.matrix_t = matrix_t
-        return _csr_mm(matrix, x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, Tensor | None]:
-        if not ctx.needs_input_grad[2]:
-            return None, None, None
-        return None, None, _csr_mm(ctx.matrix_t, grad)
-
-
-class _CSRLayerSum(torch.autograd.Function):
-    r"""``combine(x, A x, ..., A^L x)`` with a hand-written backward (``combine``: sum, mean
-    or last).
-
-    Autograd through a loop of products keeps one output and one running total per layer
-    and adds gradients into fresh buffers; here the forward accumulates in place and the
-    backward is Horner's rule, :math:`r \leftarrow g + A^\top r` (``L`` products, ``L``
-    in-place adds, no copy of the input or the gradient), with nothing saved but the
-    matrices.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, matrix: Tensor, matrix_t: Tensor, x: Tensor, num_layers: int, combine: str
-    ) -> Tensor:
-        ctx.matrix_t, ctx.num_layers, ctx.combine = matrix_t, num_layers, combine
-        if num_layers == 0:
-            return x.clone()
-        h = _csr_mm(matrix, x)
-        # The first sum allocates the total (no separate copy of x); later layers add in place.
-        total = x + h if combine != "last" else None
-        for _ in range(num_layers - 1):
-            h = _csr_mm(matrix, h)
-            if total is not None:
-                total.add_(h)
-        if total is None:
-            return h
-        return total.div_(num_layers + 1) if combine == "mean" else total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if not ctx.needs_input_grad[2]:
-            return None, None, None, None, None
-        grad = grad.contiguous()
-        if ctx.combine == "mean":
-            grad = grad / (ctx.num_layers + 1)
-        if ctx.num_layers == 0:
-            return None, None, grad.clone(), None, None
-        result = grad  # never written to: every step below allocates a new product first
-        for _ in range(ctx.num_layers):
-            result = _csr_mm(ctx.matrix_t, result)
-            if ctx.combine != "last":
-                result.add_(grad)
-        return None, None, result, None, None
-
-
-class _BatchRowsLayerSum(torch.autograd.Function):
-    r"""The rows ``users`` and all item rows of ``combine(x, A x, ..., A^L x)`` for a symmetric
-    bipartite ``A = [[0, R], [R^T, 0]]`` (users first), ``L >= 1``.
-
-    Layers ``1 .. L-1`` are full products; the last one is formed only for the requested
-    rows: :math:`R_{B,:} h_I` for the users ``B`` and :math:`R^\top h_U` for the items.
-    The backward starts with the transpose of that restricted step,
-    :math:`[R\,G_I;\ R^\top G_B]` (``G_B`` embedded in zeros), then continues with
-    Horner's rule over the full matrix as :class:`_CSRLayerSum` does. So the forward's last
-    layer skips the other users' rows (their products and sums); the backward costs what
-    the full propagation's does.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        matrix: Tensor,
-        user_item: Tensor,
-        item_user: Tensor,
-        batch: Tensor,
-        x: Tensor,
-        users: Tensor,
-        num_layers: int,
-        combine: str,
-    ) -> tuple[Tensor, Tensor]:
-        num_users = user_item.size(0)
-        keep = combine != "last"
-        h = x
-        if keep:
-            total_users = x.index_select(0, users)
-            total_items = x[num_users:].clone()
-        for _ in range(num_layers - 1):
-            h = _csr_mm(matrix, h)
-            if keep:
-                total_users.add_(h.index_select(0, users))
-                total_items.add_(h[num_users:])
-        last_users = _csr_mm(batch, h[num_users:])
-        last_items = _csr_mm(item_user, h[:num_users])
-        ctx.matrix, ctx.user_item, ctx.item_user = matrix, user_item, item_user
-        ctx.num_layers, ctx.combine = num_layers, combine
-        ctx.save_for_backward(users)
-        if not keep:
-            return last_users, last_items
-        total_users.add_(last_users)
-        total_items.add_(last_items)
-        if combine == "mean":
-            total_users.div_(num_layers + 1)
-            total_items.div_(num_layers + 1)
-        return total_users, total_items
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_users: Tensor | None, grad_items: Tensor | None) -> tuple[Any, ...]:
-        if not ctx.needs_input_grad[4]:
-            return (None,) * 8
-        (users,) = ctx.saved_tensors
-        user_item, item_user, matrix = ctx.user_item, ctx.item_user, ctx.matrix
-        num_users, num_items = user_item.shape
-        width = (grad_users if grad_users is not None else grad_items).size(1)
-        if grad_users is None:
-            grad_users = user_item.values().new_zeros(users.numel(), width)
-        if grad_items is None:
-            grad_items = grad_users.new_zeros(num_items, width)
-        if ctx.combine == "mean":
-            grad_users = grad_users / (ctx.num_layers + 1)
-            grad_items = grad_items / (ctx.num_layers + 1)
-        keep = ctx.combine != "last"
-        # Transpose of the restricted last layer (A is symmetric): R G_I for the users and
-        # R^T G_B for the items, the latter as a CSR product over the batch users' rows
-        # embedded in zeros (batch users hold most entries: a scatter is slower).
-        embedded = grad_users.new_zeros(num_users, width)
-        embedded.index_add_(0, users, grad_users)
-        result_items = _csr_mm(item_user, embedded)
-        result_users = _csr_mm(user_item, grad_items)
-        if keep:
-            result_users.add_(embedded)
-            result_items.add_(grad_items)
-        result = torch.cat([result_users, result_items])
-        for _ in range(ctx.num_layers - 1):
-            result = _csr_mm(matrix, result)
-            if keep:
-                result[num_users:].add_(grad_items)
-                result.index_add_(0, users, grad_users)
-        return (None, None, None, None, result, None, None, None)
 
 
 class SparseAdjacency:
@@ -315,20 +147,21 @@ class SparseAdjacency:
         self.symmetric = symmetric
         self._csr_pair: tuple[Tensor, Tensor] | None = None
         self._bipartite: dict[int, tuple[Tensor, Tensor] | None] = {}
-        self._kernel: Callable[[Tensor], Tensor] = self._build()
+        self._product: Callable[[Tensor], Tensor] = self._build()
 
     def _build(self) -> Callable[[Tensor], Tensor]:
+        """The backend's differentiable ``x -> A @ x``."""
         if self.backend == "csr":
-            matrix = _csr(self.row, self.col, self.value, self.shape)
+            matrix = csr_kernels.csr_matrix(self.row, self.col, self.value, self.shape)
             if self.symmetric:
                 matrix_t = matrix
             else:
                 t_row, t_col, t_value = _coalesce(
                     torch.stack([self.col, self.row]), self.value, self.shape[::-1]
                 )
-                matrix_t = _csr(t_row, t_col, t_value, self.shape[::-1])
+                matrix_t = csr_kernels.csr_matrix(t_row, t_col, t_value, self.shape[::-1])
             self._csr_pair = (matrix, matrix_t)
-            return lambda x: _CSRProduct.apply(matrix, matrix_t, x)
+            return lambda x: csr_kernels.csr_product(matrix, matrix_t, x)
         if self.backend == "edge_index":
             from torch_geometric import EdgeIndex
 
@@ -366,7 +199,9 @@ class SparseAdjacency:
             raise ValueError(
                 f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
             )
-        return self._kernel(x)
+        if use_kernel("sparse_product", x, backend=self.backend):
+            return self._product(x)
+        return reference.sparse_matmul(self, x)
 
     __matmul__ = matmul
 
@@ -374,14 +209,18 @@ class SparseAdjacency:
         r"""``combine(x, A x, ..., A^L x)`` with ``combine`` ``"sum"``, ``"mean"`` or ``"last"``.
 
         The CSR backend runs all ``L`` products in one autograd node (in-place totals,
-        Horner's rule backward); other backends loop over :meth:`matmul`. Both compute the
-        same values.
+        Horner's rule backward, :mod:`cm3_pyg.nn.kernels.spmm`); other backends loop over
+        their product. Both compute the same values as
+        :func:`cm3_pyg.nn.reference.propagate`, which runs instead inside
+        :func:`~cm3_pyg.nn.use_reference_math`.
         """
         self._check_propagation(x, combine)
-        if self._csr_pair is not None:
+        if use_kernel("csr_layer_sum", x, backend=self.backend) and self._csr_pair is not None:
             matrix, matrix_t = self._csr_pair
-            return _CSRLayerSum.apply(matrix, matrix_t, x, num_layers, combine)
-        return combine_layers(self._kernel, x, num_layers, combine)
+            return csr_kernels.csr_layer_sum(matrix, matrix_t, x, num_layers, combine)
+        if use_kernel("sparse_product", x, backend=self.backend):
+            return combine_layers(self._product, x, num_layers, combine)
+        return reference.propagate(self, x, num_layers, combine)
 
     def _check_propagation(self, x: Tensor, combine: str) -> None:
         if self.shape[0] != self.shape[1]:
@@ -405,10 +244,10 @@ class SparseAdjacency:
                     row, col, value = self.row, self.col, self.value
                     # Entries are row-major sorted: the user rows come first.
                     head = int(in_user_rows.sum())
-                    user_item = _csr(
+                    user_item = csr_kernels.csr_matrix(
                         row[:head], col[:head] - num_users, value[:head], (num_users, n - num_users)
                     )
-                    item_user = _csr(
+                    item_user = csr_kernels.csr_matrix(
                         row[head:] - num_users, col[head:], value[head:], (n - num_users, num_users)
                     )
                     blocks = (user_item, item_user)
@@ -427,8 +266,10 @@ class SparseAdjacency:
 
         For a symmetric bipartite CSR matrix (the normalised user-item graph, users first)
         on CPU, the last layer is formed only for the rows ``users`` and the items
-        (:class:`_BatchRowsLayerSum`): the same values and gradients as the full
-        propagation's rows. Otherwise this is the full propagation, split and gathered.
+        (:func:`cm3_pyg.nn.kernels.spmm.batch_rows_layer_sum`): the same values and gradients
+        as the full propagation's rows. Otherwise this is the full propagation
+        (:meth:`propagate`), split and gathered, as in
+        :func:`cm3_pyg.nn.reference.propagate_rows`.
 
         Args:
             x: ``[N, F]`` node input (users first).
@@ -449,17 +290,18 @@ class SparseAdjacency:
                 f"users must lie in [0, {num_users}), got ids from {int(users.min())} "
                 f"to {int(users.max())}"
             )
-        blocks = self._bipartite_blocks(num_users) if x.device.type == "cpu" else None
-        if blocks is None or num_layers == 0:
+        blocks = None
+        if num_layers > 0 and use_kernel("csr_batch_rows", x, backend=self.backend):
+            blocks = self._bipartite_blocks(num_users)
+        if blocks is None:
             out = self.propagate(x, num_layers, combine)
             user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
             return user_rows.index_select(0, users), item_rows
         self._check_propagation(x, combine)
         user_item, item_user = blocks
-        batch = _gather_rows(user_item, users)
         matrix = self._csr_pair[0]  # set for the csr backend
-        return _BatchRowsLayerSum.apply(
-            matrix, user_item, item_user, batch, x, users, num_layers, combine
+        return csr_kernels.batch_rows_layer_sum(
+            matrix, user_item, item_user, x, users, num_layers, combine
         )
 
     def to(self, target: torch.device | str | torch.dtype) -> SparseAdjacency:
@@ -490,27 +332,6 @@ class SparseAdjacency:
         return (
             f"SparseAdjacency(shape={list(self.shape)}, nnz={self.nnz}, backend={self.backend!r}, "
             f"symmetric={self.symmetric})"
-        )
-
-
-def _gather_rows(matrix: Tensor, rows: Tensor) -> Tensor:
-    """The rows ``rows`` of a CSR ``matrix``, as a CSR ``[len(rows), C]`` tensor."""
-    crow, col, value = matrix.crow_indices(), matrix.col_indices(), matrix.values()
-    starts = crow.index_select(0, rows)
-    lengths = crow.index_select(0, rows + 1) - starts
-    batch_crow = torch.zeros(rows.numel() + 1, dtype=crow.dtype, device=crow.device)
-    torch.cumsum(lengths, 0, out=batch_crow[1:])
-    total = int(batch_crow[-1])
-    entries = torch.repeat_interleave(starts - batch_crow[:-1], lengths, output_size=total)
-    entries += torch.arange(total, device=crow.device)
-    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on mm
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            batch_crow,
-            col.index_select(0, entries),
-            value.index_select(0, entries),
-            (rows.numel(), matrix.size(1)),
-            check_invariants=False,
         )
 
 
@@ -654,29 +475,75 @@ def to_adjacency(
     return adj.with_backend(choose_backend(adj, width))
 
 
-def spmm(adj: Any, x: Tensor) -> Tensor:
-    """``adj @ x`` for a :class:`SparseAdjacency`, a torch sparse (CSR/COO) tensor or a
-    ``torch_sparse.SparseTensor``; differentiable with respect to ``x``."""
+#: The one adjacency type of :mod:`cm3_pyg.nn`: every layer and function that multiplies by a
+#: graph takes a :class:`SparseAdjacency`. Other sparse representations are converted once,
+#: at the boundary, by :func:`as_adjacency`.
+Adjacency = SparseAdjacency
+
+
+def as_adjacency(adj: object, name: str = "adj") -> SparseAdjacency:
+    """``adj`` as a :class:`SparseAdjacency`.
+
+    A :class:`SparseAdjacency` is returned as it is. A torch sparse tensor (COO or CSR) is
+    converted to the ``"csr"`` backend, a ``torch_sparse.SparseTensor`` to
+    ``"torch_sparse"`` (same entries, duplicates summed; the values are not differentiated).
+    A conversion costs a sort of the entries: convert once and keep the result rather than
+    passing a raw tensor on every call.
+
+    Args:
+        adj: the adjacency.
+        name: the argument's name, for the error message.
+
+    Raises:
+        TypeError: for anything else (a dense tensor, an ``EdgeIndex``, ...), naming
+            ``name`` and the expected type.
+    """
     if isinstance(adj, SparseAdjacency):
-        return adj.matmul(x)
-    if isinstance(adj, Tensor):
-        if not adj.is_sparse and adj.layout != torch.sparse_csr:
-            raise TypeError(
-                f"expected a sparse adjacency, got a dense tensor of layout {adj.layout}"
+        return adj
+    if isinstance(adj, Tensor) and adj.layout in (torch.sparse_coo, torch.sparse_csr):
+        if adj.dim() != 2:
+            raise TypeError(f"{name}: expected a 2-D sparse adjacency, got {adj.dim()} dims")
+        shape = (int(adj.size(0)), int(adj.size(1)))
+        if adj.layout == torch.sparse_csr:
+            crow = adj.crow_indices()
+            row = torch.repeat_interleave(
+                torch.arange(shape[0], device=crow.device), crow[1:] - crow[:-1]
             )
-        return torch.sparse.mm(adj, x)
+            index, value = torch.stack([row, adj.col_indices()]), adj.values()
+        else:
+            coalesced = adj.coalesce()
+            index, value = coalesced.indices(), coalesced.values()
+        row, col, value = _coalesce(index, value.detach(), shape)
+        return SparseAdjacency(row, col, value, shape, "csr")
     if WITH_TORCH_SPARSE:
-        from torch_sparse import SparseTensor, matmul
+        from torch_sparse import SparseTensor
 
         if isinstance(adj, SparseTensor):
-            return matmul(adj, x)
-    raise TypeError(f"unsupported adjacency type {type(adj).__name__}")
-
-
-def adjacency_shape(adj: Any) -> tuple[int, int]:
-    """``(rows, cols)`` of a supported adjacency."""
-    if isinstance(adj, SparseAdjacency):
-        return adj.shape
+            row, col, value = adj.coo()
+            if value is None:
+                value = torch.ones(row.numel(), device=row.device)
+            shape = (int(adj.sparse_size(0)), int(adj.sparse_size(1)))
+            row, col, value = _coalesce(torch.stack([row, col]), value.detach(), shape)
+            return SparseAdjacency(row, col, value, shape, "torch_sparse")
     if isinstance(adj, Tensor):
-        return int(adj.size(0)), int(adj.size(1))
-    return tuple(int(s) for s in adj.sparse_sizes())  # type: ignore[return-value]
+        kind = f"a dense tensor of layout {adj.layout}"
+        if type(adj).__name__ == "EdgeIndex":
+            kind = "an EdgeIndex (build one with to_adjacency(..., backend='edge_index'))"
+    else:
+        kind = type(adj).__name__
+    raise TypeError(
+        f"{name}: expected a sparse adjacency (a SparseAdjacency from "
+        f"cm3_pyg.nn.to_adjacency, or a torch sparse COO/CSR tensor or "
+        f"torch_sparse.SparseTensor to convert), got {kind}"
+    )
+
+
+def spmm(adj: Adjacency, x: Tensor) -> Tensor:
+    """``adj @ x``, differentiable with respect to ``x`` (other sparse representations are
+    converted by :func:`as_adjacency`)."""
+    return as_adjacency(adj, "adj").matmul(x)
+
+
+def adjacency_shape(adj: Adjacency) -> tuple[int, int]:
+    """``(rows, cols)`` of an adjacency (converted by :func:`as_adjacency` if need be)."""
+    return as_adjacency(adj, "adj").shape
