@@ -147,7 +147,10 @@ def run_experiment(
     try:
         model = model_cls.from_config(config, inputs)
     except ValueError as exc:
-        raise ConfigError(f"model {model_cls.name!r}: {exc}") from None
+        message = str(exc)
+        if f"model {model_cls.name!r}" not in message:
+            message = f"model {model_cls.name!r}: {message}"
+        raise ConfigError(message) from None
     logger.info(
         "%s on %s: %d users, %d items, modalities %s",
         model,
