@@ -14,7 +14,10 @@ MMRec (``utils/metrics.py``):
     \mathrm{NDCG@}k &= \frac{\sum_{r \le k} \mathrm{rel}_r / \log_2(r + 1)}
                             {\sum_{r \le \min(|T_u|, k)} 1 / \log_2(r + 1)} \\
     \mathrm{MAP@}k &= \frac{\sum_{r \le k} P_u(r)\, \mathrm{rel}_r}{\min(|T_u|, k)},
-        \qquad P_u(r) = H_u(r) / r
+        \qquad P_u(r) = H_u(r) / r \\
+    \mathrm{F1@}k &= \frac{2\,\mathrm{Precision@}k\,\mathrm{Recall@}k}
+                          {\mathrm{Precision@}k + \mathrm{Recall@}k}
+        \quad (0 \text{ without a hit; NBPO's per-user F1})
 
 and every metric is averaged over the users with :math:`|T_u| \ge 1` (users without a
 target are skipped).
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 #: The metric names, in the row order of :attr:`RankingSums.sums`.
-METRIC_NAMES: tuple[str, ...] = ("recall", "ndcg", "precision", "map")
+METRIC_NAMES: tuple[str, ...] = ("recall", "ndcg", "precision", "map", "f1")
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20, 50)
 
@@ -135,7 +138,7 @@ class RankingSums:
 
     Attributes:
         ks: the sorted distinct cut-offs, length ``K``.
-        sums: float64 ``[4, K]``; ``sums[m, j]`` is :math:`\\sum_u \\mathrm{metric}_m@k_j(u)`
+        sums: float64 ``[5, K]``; ``sums[m, j]`` is :math:`\\sum_u \\mathrm{metric}_m@k_j(u)`
             over the counted users, rows ordered as :data:`METRIC_NAMES`.
         num_users: int64 0-dim tensor, the number of users with at least one target.
     """
@@ -157,7 +160,8 @@ class RankingSums:
         """Average every metric over the counted users.
 
         Returns:
-            ``{"recall@k": ..., "ndcg@k": ..., "precision@k": ..., "map@k": ...}`` for
+            ``{"recall@k": ..., "ndcg@k": ..., "precision@k": ..., "map@k": ...,
+            "f1@k": ...}`` for
             every ``k`` in :attr:`ks` (metric-major order).
 
         Raises:
@@ -231,8 +235,10 @@ def _metric_sums_unchecked(
     ndcg = cum_dcg[:, col] / idcg_table[safe_ideal]
     precision = h_k / k_float
     ap = cum_ap[:, col] / safe_ideal.to(torch.float64)
+    # F1 per user, 2PR / (P + R); 0 without a hit (NBPO's definition)
+    f1 = torch.where(h_k > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), 0.0)
 
-    per_user = torch.stack([recall, ndcg, precision, ap], dim=0) * valid  # [4, B, K]
+    per_user = torch.stack([recall, ndcg, precision, ap, f1], dim=0) * valid  # [5, B, K]
     return RankingSums(ks, per_user.sum(dim=1), (num_targets > 0).sum())
 
 

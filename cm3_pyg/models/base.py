@@ -164,6 +164,12 @@ CONFIG_KEYS: dict[str, str] = {
     "num_mm_layers": "n_mm_layers",
     "temperature": "temp",
 }
+#: Config key -> option of :func:`~cm3_pyg.nn.objectives.make_objective`.
+OBJECTIVE_KEYS: dict[str, str] = {
+    "loss_reduction": "reduction",
+    "flip_dim": "flip_dim",
+    "flip_weight_decay": "flip_weight_decay",
+}
 #: Constructor arguments filled from the data (:class:`GraphInputs`), not from the config.
 SIZE_ARGUMENTS: tuple[str, ...] = ("num_users", "num_items", "feature_dims")
 
@@ -189,7 +195,7 @@ class Recommender(torch.nn.Module):
     uses_item_graph: ClassVar[bool] = False
     #: Ranking objectives the model accepts (the first is its default); ``()`` for a model
     #: whose method is its own objective.
-    objectives: ClassVar[tuple[str, ...]] = ("bpr",)
+    objectives: ClassVar[tuple[str, ...]] = ("bpr", "bpo", "nbpo", "nbpo_original")
     #: For a model with ``objectives = ()``: what its objective is (for error messages).
     own_objective: ClassVar[str] = ""
     #: Factor on the ranking objective (SEA's reference uses BPR in log base 2).
@@ -282,10 +288,33 @@ class Recommender(torch.nn.Module):
                 kwargs[param.name] = _coerce(config[key], param, key)
         objective = config.get("objective")
         cls.check_objective(objective)
+        cls.check_protocol(config)
         model = cls(**kwargs)
-        if objective is not None:
-            model.set_objective(objective)
+        if cls.objectives:
+            options = {
+                "num_users": inputs.num_users,
+                "num_items": inputs.num_items,
+                **{opt: config[key] for key, opt in OBJECTIVE_KEYS.items() if key in config},
+            }
+            model.set_objective(objective or cls.objectives[0], **options)
         return model
+
+    @classmethod
+    def check_protocol(cls, config: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for training options a model with its own objective ignores
+        (several negatives per positive, a summed objective)."""
+        if cls.objectives:
+            return
+        if config.get("num_negatives", 1) != 1:
+            raise ValueError(
+                f"model {cls.name!r} trains with its own objective ({cls.own_objective}) on "
+                f"one negative per positive; got num_negatives={config['num_negatives']}"
+            )
+        if config.get("loss_reduction", "mean") != "mean":
+            raise ValueError(
+                f"model {cls.name!r} trains with its own objective ({cls.own_objective}); "
+                f"loss_reduction={config['loss_reduction']!r} does not apply (leave 'mean')"
+            )
 
     @classmethod
     def check_objective(cls, objective: str | None) -> None:
@@ -303,12 +332,13 @@ class Recommender(torch.nn.Module):
                 f"{objective!r} (known objectives: {objective_names()})"
             )
 
-    def set_objective(self, objective: str | torch.nn.Module) -> None:
-        """Train with another ranking objective (a name, or any module mapping
-        ``(pos_scores, neg_scores, batch)`` to a scalar loss)."""
+    def set_objective(self, objective: str | torch.nn.Module, **options: Any) -> None:
+        """Train with another ranking objective: a name (built by
+        :func:`~cm3_pyg.nn.objectives.make_objective` with ``options``), or any module mapping
+        ``(pos_scores, neg_scores, batch)`` to a scalar loss."""
         if isinstance(objective, str):
             self.check_objective(objective)
-            objective = make_objective(objective)
+            objective = make_objective(objective, **options)
         elif not self.objectives:
             self.check_objective(type(objective).__name__)
         self.objective = objective
@@ -338,7 +368,10 @@ class Recommender(torch.nn.Module):
 
     @staticmethod
     def score(user: Tensor, item: Tensor) -> Tensor:
-        """Scores of matching rows: ``(user * item).sum(-1)``."""
+        """Scores of matching rows, ``(user * item).sum(-1)``: ``[B]`` for ``item`` ``[B, D]``,
+        ``[B, K]`` for ``K`` items per user (``item`` ``[B, K, D]``)."""
+        if item.dim() == user.dim() + 1:
+            user = user.unsqueeze(-2)
         return (user * item).sum(-1)
 
     def auxiliary_losses(self, inputs: GraphInputs, batch: Batch, rows: BatchRows) -> dict:
@@ -453,6 +486,14 @@ class Recommender(torch.nn.Module):
             cols = torch.repeat_interleave(exclude[1], counts)
             scores[rows, cols] = float("-inf")
         return scores.topk(k, dim=-1).indices
+
+
+def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]`` for ids of any shape (``[B]`` -> ``[B, D]``, ``[B, K]`` -> ``[B, K, D]``),
+    through one ``index_select``."""
+    if ids.dim() == 1:
+        return table.index_select(0, ids)
+    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.size(-1))
 
 
 def registered_models() -> dict[str, type[Recommender]]:

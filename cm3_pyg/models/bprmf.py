@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
 
 
 class BPRMF(Recommender):
@@ -27,23 +27,37 @@ class BPRMF(Recommender):
         \mathcal{L} = -\frac{1}{B}\sum \log\sigma(\hat y_{ui} - \hat y_{uj})
         + \lambda \frac{\lVert P_u \rVert_F + \lVert Q_i \rVert_F + \lVert Q_j \rVert_F}{B}
 
-    ID-only: it reads no features and no graph.
+    The ranking term is the model's objective (BPR by default; ``objective: bpo | nbpo``
+    swaps it). ID-only: it reads no features and no graph.
 
     Args:
         num_users: ``U``.
         num_items: ``I``.
         embedding_dim: ``d``.
         reg_weight: :math:`\lambda`.
+        init_scheme: ``"xavier_normal"`` (MMRec) or ``"uniform"``, :math:`U[0, 1)/\sqrt{d}`
+            (the NBPO code's).
     """
 
     name = "bprmf"
     min_modalities = 0
     uses_item_graph = False
+    INIT_SCHEMES = ("xavier_normal", "uniform")
 
     def __init__(
-        self, num_users: int, num_items: int, embedding_dim: int = 64, reg_weight: float = 1e-3
+        self,
+        num_users: int,
+        num_items: int,
+        embedding_dim: int = 64,
+        reg_weight: float = 1e-3,
+        init_scheme: str = "xavier_normal",
     ) -> None:
         super().__init__()
+        if init_scheme not in self.INIT_SCHEMES:
+            raise ValueError(
+                f"init_scheme must be one of {self.INIT_SCHEMES}, got {init_scheme!r}"
+            )
+        self.init_scheme = init_scheme
         self.num_users = num_users
         self.num_items = num_items
         self.embedding_dim = embedding_dim
@@ -53,8 +67,12 @@ class BPRMF(Recommender):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        torch.nn.init.xavier_normal_(self.user_embedding)
-        torch.nn.init.xavier_normal_(self.item_embedding)
+        for table in (self.user_embedding, self.item_embedding):
+            if self.init_scheme == "uniform":  # NBPO's code: U[0, 1) / sqrt(d)
+                with torch.no_grad():
+                    table.uniform_(0.0, 1.0).div_(self.embedding_dim**0.5)
+            else:
+                torch.nn.init.xavier_normal_(table)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """``(user [U, d], item [I, d])`` embeddings."""
@@ -65,7 +83,7 @@ class BPRMF(Recommender):
         return BatchRows(
             user_emb.index_select(0, batch.users),
             item_emb.index_select(0, batch.pos_items),
-            item_emb.index_select(0, batch.neg_items),
+            gather_rows(item_emb, batch.neg_items),
         )
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
@@ -78,5 +96,6 @@ class BPRMF(Recommender):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(num_users={self.num_users}, num_items={self.num_items}, "
-            f"embedding_dim={self.embedding_dim}, reg_weight={self.reg_weight})"
+            f"embedding_dim={self.embedding_dim}, reg_weight={self.reg_weight}, "
+            f"init_scheme={self.init_scheme!r})"
         )

@@ -44,7 +44,7 @@ from cm3_pyg.models._common import (
     symmetric_bipartite_adjacency,
     user_item_edges,
 )
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
 from cm3_pyg.nn import UserItemPropagation, bpr_loss, spmm
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -210,7 +210,7 @@ class FREEDOM(Recommender):
         return BatchRows(
             user_emb.index_select(0, batch.users),
             item_emb.index_select(0, batch.pos_items),
-            item_emb.index_select(0, batch.neg_items),
+            gather_rows(item_emb, batch.neg_items),
         )
 
     def auxiliary_losses(
@@ -218,11 +218,13 @@ class FREEDOM(Recommender):
     ) -> dict[str, Tensor]:
         """Per modality ``m``: ``reg_weight * BPR(u, f_{m,i}, f_{m,j})`` (always BPR: part of
         FREEDOM's method, whichever ranking objective is chosen)."""
-        items = torch.cat([batch.pos_items, batch.neg_items])
+        neg = batch.neg_items
+        items = torch.cat([batch.pos_items, neg.reshape(-1)])
         out = {}
         embedded = self.modality_embeddings(inputs.features, items)
         for name, f in zip(inputs.modalities, embedded, strict=True):
-            i, j = f.split(batch.pos_items.numel())
+            i, j = f.split([batch.pos_items.numel(), neg.numel()])
+            j = j.view(*neg.shape, -1)
             out[f"modality_bpr_{name}"] = self.reg_weight * bpr_loss(
                 self.score(rows.user, i), self.score(rows.user, j)
             )

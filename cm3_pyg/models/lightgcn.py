@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty, split_users_items
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
 from cm3_pyg.nn import UserItemPropagation
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -76,7 +76,7 @@ class LightGCN(Recommender):
         return BatchRows(
             user_emb.index_select(0, batch.users),
             item_emb.index_select(0, batch.pos_items),
-            item_emb.index_select(0, batch.neg_items),
+            gather_rows(item_emb, batch.neg_items),
         )
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
@@ -85,7 +85,7 @@ class LightGCN(Recommender):
         return self.reg_weight * embedding_norm_penalty(
             self.user_embedding.index_select(0, batch.users),
             ego.index_select(0, batch.pos_items),
-            ego.index_select(0, batch.neg_items),
+            gather_rows(ego, batch.neg_items),
         )
 
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:

@@ -83,6 +83,7 @@ from cm3_pyg.models.base import (
     InnerProblem,
     LossTerms,
     Recommender,
+    gather_rows,
 )
 from cm3_pyg.nn import (
     UserItemPropagation,
@@ -333,7 +334,7 @@ class SEA(Recommender):
         assert self.objective is not None
         bpr = self.objective(
             self.score(u, out.item.index_select(0, pos_items)),
-            self.score(u, out.item.index_select(0, neg_items)),
+            self.score(u, gather_rows(out.item, neg_items)),
             Batch(users, pos_items, neg_items),
         )
         bpr = bpr / math.log(2.0)  # the reference's log base 2
@@ -371,7 +372,7 @@ class SEA(Recommender):
         return BatchRows(
             out.user.index_select(0, batch.users),
             out.item.index_select(0, batch.pos_items),
-            out.item.index_select(0, batch.neg_items),
+            gather_rows(out.item, batch.neg_items),
             out=out,
         )
 

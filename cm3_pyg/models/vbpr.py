@@ -90,8 +90,11 @@ class VBPR(Recommender):
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
         # Only the batch's items are projected (the same values as projecting all).
-        items = self.item_vectors(inputs.features, torch.cat([batch.pos_items, batch.neg_items]))
-        pos, neg = items.split(batch.pos_items.numel())
+        neg_ids = batch.neg_items
+        ids = torch.cat([batch.pos_items, neg_ids.reshape(-1)])
+        items = self.item_vectors(inputs.features, ids)
+        pos, neg = items.split([batch.pos_items.numel(), neg_ids.numel()])
+        neg = neg.view(*neg_ids.shape, -1)
         return BatchRows(self.user_embedding.index_select(0, batch.users), pos, neg)
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,3 +23,27 @@ def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) ->
         for p in params
     )
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+#: Optimisers :func:`make_optimizer` builds.
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """``"adam"`` (fused where possible, see :func:`make_adam`) or plain ``"sgd"`` (no
+    momentum) over parameter ``groups`` (``{"params": [...], "weight_decay": w}`` each).
+
+    Weight decay is the L2 gradient term :math:`w \\theta` for both, so SGD with it takes
+    :math:`\\theta \\leftarrow \\theta - \\eta (\\nabla + w \\theta)` every step.
+    """
+    groups = [g for g in groups if g["params"]]
+    if name == "adam":
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() and not p.is_sparse
+            for p in params
+        )
+        return torch.optim.Adam(groups, lr=lr, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

@@ -17,8 +17,11 @@ import torch
 import yaml
 
 from cm3_pyg.errors import ConfigError
-from cm3_pyg.nn.objectives import objective_names
+from cm3_pyg.metrics import METRIC_NAMES
+from cm3_pyg.nn.objectives import REDUCTIONS, objective_names
+from cm3_pyg.nn.optim import OPTIMIZERS
 from cm3_pyg.nn.sparse import check_backend
+from cm3_pyg.training.sampler import NEGATIVE_POOLS
 
 TRAINING_DEFAULTS = Path(__file__).with_name("defaults.yaml")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -153,7 +156,15 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"config key 'modalities' must be null or a list of distinct names, got {modalities!r}"
         )
-    positive_ints = ("epochs", "train_batch_size", "eval_batch_size", "embedding_size", "knn_k")
+    positive_ints = (
+        "epochs",
+        "train_batch_size",
+        "eval_batch_size",
+        "embedding_size",
+        "knn_k",
+        "num_negatives",
+        "flip_dim",
+    )
     for key in positive_ints:
         if key in config and not (isinstance(config[key], int) and config[key] > 0):
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}")
@@ -183,6 +194,20 @@ def validate_config(config: Mapping[str, Any]) -> None:
     topk = config["topk"]
     if not topk or not all(isinstance(k, int) and k > 0 for k in topk):
         raise ConfigError(f"config key 'topk' must be a list of positive integers, got {topk!r}")
+    for key, allowed in (
+        ("loss_reduction", REDUCTIONS),
+        ("negative_pool", NEGATIVE_POOLS),
+        ("optimizer", OPTIMIZERS),
+    ):
+        if config[key] not in allowed:
+            raise ConfigError(
+                f"config key {key!r} must be one of {list(allowed)}, got {config[key]!r}"
+            )
+    if not 0.0 < config["lr_decay"] <= 1.0:
+        raise ConfigError(f"config key 'lr_decay' must lie in (0, 1], got {config['lr_decay']!r}")
+    for key in ("weight_decay", "flip_weight_decay"):
+        if config[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]!r}")
     objective = config["objective"]
     if objective is not None and objective not in objective_names():
         raise ConfigError(
@@ -190,9 +215,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
         )
     metric = str(config["valid_metric"]).lower()
     name, _, k = metric.partition("@")
-    if name not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in topk:
+    if name not in METRIC_NAMES or not k.isdigit() or int(k) not in topk:
         raise ConfigError(
-            "config key 'valid_metric' must be <recall|ndcg|precision|map>@k "
+            f"config key 'valid_metric' must be <{'|'.join(METRIC_NAMES)}>@k "
             f"with k in topk {topk}, "
             f"got {config['valid_metric']!r}"
         )

@@ -20,7 +20,7 @@ from torch_geometric.data import HeteroData
 
 from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
-from cm3_pyg.metrics import FullRankingEvaluator, popularity_scores
+from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -215,7 +215,7 @@ def run_experiment(
         logger.warning("%s: removing the checkpoint of an earlier run (fresh start)", ckpt_path)
         ckpt_path.unlink()
     if out_path is not None:
-        keys = [f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in config["topk"]]
+        keys = [f"{m}@{k}" for m in METRIC_NAMES for k in config["topk"]]
         trainer.on_epoch_end = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
 
     failure: NonFiniteLossError | None = None

@@ -7,25 +7,35 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+#: Where negatives are drawn from: the items seen in training (MMRec's protocol) or all
+#: ``I`` items (NBPO's).
+NEGATIVE_POOLS = ("train_items", "all")
+
 
 class NegativeSampler:
-    """One uniform negative per positive, from the items seen in training, excluding the
-    user's own training items.
+    """Uniform negatives per positive, excluding the user's own training items.
 
-    Candidates are drawn for the whole batch at once; rows that hit one of the user's
-    items are redrawn (only those rows) until none is left. Membership is a binary search
-    in the sorted ``user * num_items + item`` keys of the training set.
+    Candidates are drawn for the whole batch at once; draws that hit one of the user's
+    items are redrawn (only those) until none is left. Membership is a binary search in the
+    sorted ``user * num_items + item`` keys of the training set.
 
     Args:
         train_edge_index: ``[2, E]`` (user, item) training interactions.
         num_items: number of items ``I``.
+        pool: ``"train_items"`` (the items seen in training, MMRec's protocol) or ``"all"``.
     """
 
-    def __init__(self, train_edge_index: Tensor, num_items: int) -> None:
+    def __init__(self, train_edge_index: Tensor, num_items: int, pool: str = "train_items") -> None:
+        if pool not in NEGATIVE_POOLS:
+            raise ValueError(f"pool must be one of {NEGATIVE_POOLS}, got {pool!r}")
         users, items = train_edge_index.long()
         self.num_items = num_items
+        self.pool = pool
         self.keys = torch.unique(users * num_items + items)  # sorted
-        self.candidates = torch.unique(items)
+        if pool == "all":
+            self.candidates = torch.arange(num_items, device=items.device)
+        else:
+            self.candidates = torch.unique(items)
         degree = torch.bincount(torch.div(self.keys, num_items, rounding_mode="floor"))
         if degree.numel() and int(degree.max()) >= self.candidates.numel():
             user = int(torch.argmax(degree))
@@ -45,8 +55,16 @@ class NegativeSampler:
         pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.numel() - 1)
         return self.keys[pos] == query
 
-    def sample(self, users: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``[B]`` negative item ids for the ``[B]`` users."""
+    def sample(
+        self, users: Tensor, generator: torch.Generator | None = None, num_negatives: int = 1
+    ) -> Tensor:
+        """Negative item ids for the ``[B]`` users: ``[B]`` for one per user (the same draws
+        as always), ``[B, K]`` for ``num_negatives = K > 1``."""
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        if num_negatives > 1:
+            expanded = users.unsqueeze(1).expand(-1, num_negatives).reshape(-1)
+            return self.sample(expanded, generator).view(-1, num_negatives)
         n = self.candidates.numel()
         draw = torch.randint(n, users.shape, generator=generator, device=users.device)
         neg = self.candidates[draw]

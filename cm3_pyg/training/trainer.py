@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from cm3_pyg.errors import DataFormatError, NonFiniteLossError
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
-from cm3_pyg.nn.optim import make_adam
+from cm3_pyg.nn.optim import make_adam, make_optimizer
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
 from cm3_pyg.training.inputs import Splits
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
@@ -76,6 +76,19 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _parameter_groups(model: Recommender, weight_decay: float) -> list[dict[str, Any]]:
+    """The outer optimiser's groups: the model's parameters with the run's weight decay, and
+    the objective's own parameters (if any) with the objective's ``weight_decay``."""
+    objective = model.objective
+    own = list(objective.parameters()) if objective is not None else []
+    own_ids = {id(p) for p in own}
+    rest = [p for p in model.outer_parameters() if id(p) not in own_ids]
+    groups: list[dict[str, Any]] = [{"params": rest, "weight_decay": weight_decay}]
+    if own:
+        groups.append({"params": own, "weight_decay": float(getattr(objective, "weight_decay", 0))})
+    return groups
 
 
 def _accumulate(totals: dict[str, torch.Tensor], terms: LossTerms) -> None:
@@ -180,10 +193,12 @@ class Trainer:
         self.ks = tuple(config["topk"])
         self.valid_metric = str(config["valid_metric"]).lower()
         lr = float(config["learning_rate"])
+        self.base_lr = lr
         # The outer optimiser trains every parameter except the inner problems' networks,
-        # each of which gets an Adam of its own (no weight decay, as the references).
-        self.optimizer = make_adam(
-            model.outer_parameters(), lr=lr, weight_decay=float(config["weight_decay"])
+        # each of which gets an Adam of its own (no weight decay, as the references). An
+        # objective with parameters of its own (NBPO's flip model) gets its own weight decay.
+        self.optimizer = make_optimizer(
+            str(config["optimizer"]), _parameter_groups(model, float(config["weight_decay"])), lr
         )
         self.inner_problems = model.inner_problems()
         self.inner_optimizers = {
@@ -193,7 +208,8 @@ class Trainer:
             for problem in self.inner_problems
         }
         num_items = inputs.num_items
-        self.sampler = NegativeSampler(self.splits.train, num_items)
+        self.sampler = NegativeSampler(self.splits.train, num_items, str(config["negative_pool"]))
+        self.num_negatives = int(config["num_negatives"])
         batch = int(config["eval_batch_size"])
         self.valid_evaluator = FullRankingEvaluator(
             num_items, self.splits.train, self.splits.valid, self.ks, batch
@@ -268,6 +284,10 @@ class Trainer:
         """
         self.model.train()
         self.model.on_epoch_start(epoch, self.inputs)
+        decay = float(self.config["lr_decay"])
+        if decay != 1.0:  # exponential decay per epoch, a function of the epoch alone
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr * decay ** (epoch - 1)
         train = self.splits.train
         batch_size = int(self.config["train_batch_size"])
         num_batches = math.ceil(train.size(1) / batch_size)
@@ -288,7 +308,7 @@ class Trainer:
                 break
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
-            neg = self.sampler.sample(users, self.generator)
+            neg = self.sampler.sample(users, self.generator, self.num_negatives)
             terms = self.model.loss_terms(self.inputs, Batch(users, pos, neg))
             loss = terms.total
             if self.fault_injector is not None:
@@ -346,6 +366,7 @@ class Trainer:
             embeddings = self.model.embed(self.inputs)
             valid = self.evaluate("valid", embeddings)
             improved, stop = self.stopper.step(valid[self.valid_metric], epoch)
+            stop = stop and bool(self.config["early_stopping"])
             if improved:
                 self.best_valid = valid
                 self.best_test = self.evaluate("test", embeddings)
