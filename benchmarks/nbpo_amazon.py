@@ -71,14 +71,6 @@ def run(
                 f"test ndcg@20 {metrics['test']['ndcg@20']:.4f}",
                 flush=True,
             )
-    summary = {}
-    for objective in objectives:
-        mine = [r for r in runs if r["objective"] == objective]
-        summary[objective] = {
-            "mean": {k: statistics.fmean(r["test"][k] for r in mine) for k in METRICS},
-            "std": {k: statistics.pstdev(r["test"][k] for r in mine) for k in METRICS},
-            "median_epoch_seconds": statistics.median(r["median_epoch_seconds"] for r in mine),
-        }
     return {
         "machine": {
             "platform": platform.platform(),
@@ -89,9 +81,23 @@ def run(
         "config": str(CONFIG.relative_to(REPO)),
         "seeds": seeds,
         "runs": runs,
-        "summary": summary,
+        "summary": summarize(runs, objectives),
         "published": {k: dict(zip(METRICS, v, strict=True)) for k, v in PUBLISHED.items()},
     }
+
+
+def summarize(runs: list[dict[str, Any]], objectives: list[str]) -> dict[str, Any]:
+    """Per objective: mean and sample std over seeds of each metric, median s/epoch."""
+    summary = {}
+    for objective in objectives:
+        mine = [r for r in runs if r["objective"] == objective]
+        spread = statistics.stdev if len(mine) > 1 else (lambda _: 0.0)
+        summary[objective] = {
+            "mean": {k: statistics.fmean(r["test"][k] for r in mine) for k in METRICS},
+            "std": {k: spread([r["test"][k] for r in mine]) for k in METRICS},
+            "median_epoch_seconds": statistics.median(r["median_epoch_seconds"] for r in mine),
+        }
+    return summary
 
 
 def report(result: dict[str, Any]) -> str:
@@ -103,7 +109,7 @@ def report(result: dict[str, Any]) -> str:
         f"protocol: 4 negatives from all items, chunks of 5,000 with summed gradients, SGD "
         f"0.05 x0.99 per epoch, lambda_r 1, lambda_phi 5, 200 epochs, no early stopping). "
         f"Seeds {', '.join(map(str, result['seeds']))}; test at each run's best validation "
-        "NDCG@20; mean +- std over seeds.",
+        "NDCG@20; mean +- sample std over seeds.",
         "",
         header + " | s/epoch |",
         "|---" * (len(METRICS) + 2) + "|",
@@ -139,9 +145,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the 200 epochs")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default="nbpo-amazon")
+    parser.add_argument(
+        "--from-json", default=None, help="rewrite the tables from a recorded JSON (no runs)"
+    )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    result = run(args.data_root, seeds, args.objectives.split(","), args.epochs)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        result["summary"] = summarize(result["runs"], list(result["summary"]))
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        result = run(args.data_root, seeds, args.objectives.split(","), args.epochs)
     out = Path(args.out)
     atomic_write_text(out / f"{args.tag}.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / f"{args.tag}.md", report(result))

@@ -178,7 +178,10 @@ def load_scale(scale: str, data_root: str | None, cache_dir: str | None) -> Any:
     if data_root is None:
         raise SystemExit(f"scale {scale!r} needs --data-root or $CM3_DATA_ROOT")
     if scale == "tiktok":
-        from cm3_pyg.data.loading import load_dataset
+        try:
+            from cm3_pyg.data.loading import load_dataset
+        except ImportError:  # a --baseline-rev older than cm3_pyg.data.loading
+            from cm3_pyg.cli import load_data as load_dataset
 
         return load_dataset(data_root, "tiktok", cache_dir=cache_dir)[0]
     from benchmarks.scales import amazon_with_generated_features

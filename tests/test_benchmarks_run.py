@@ -152,3 +152,30 @@ def test_a_remeasured_scale_replaces_all_its_earlier_rows():
         {"scale": "tiktok", "code": "baseline bbbb"},
     ]
     assert out["reference"] == [{"scale": "baby", "ratio": 0.5}, {"scale": "tiktok", "ratio": 0.2}]
+
+
+def test_interleaved_harness_imports_a_baseline_beside_this_revision(tmp_path):
+    import importlib
+    import sys
+
+    from benchmarks.interleaved import BASELINE_NAME, build_trainer, extract_baseline
+
+    extract_baseline("HEAD", tmp_path)
+    sources = list((tmp_path / BASELINE_NAME).rglob("*.py"))
+    assert sources and not any("from cm3_pyg." in p.read_text() for p in sources)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from cm3_pyg.data import make_synthetic
+
+        data = make_synthetic(num_users=60, num_items=80, seed=2)
+        trainer = build_trainer(BASELINE_NAME, data)
+        assert type(trainer).__module__ == f"{BASELINE_NAME}.training.trainer"
+        assert type(trainer.model).__module__.startswith(BASELINE_NAME)
+        loss = trainer.train_epoch(1, max_batches=1)
+        assert isinstance(loss, float) and loss == loss  # one finite step of the old trainer
+        ours = importlib.import_module("cm3_pyg.training.trainer")
+        assert ours is not importlib.import_module(f"{BASELINE_NAME}.training.trainer")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.startswith(BASELINE_NAME)]:
+            del sys.modules[name]

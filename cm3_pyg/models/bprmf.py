@@ -54,9 +54,7 @@ class BPRMF(Recommender):
     ) -> None:
         super().__init__()
         if init_scheme not in self.INIT_SCHEMES:
-            raise ValueError(
-                f"init_scheme must be one of {self.INIT_SCHEMES}, got {init_scheme!r}"
-            )
+            raise ValueError(f"init_scheme must be one of {self.INIT_SCHEMES}, got {init_scheme!r}")
         self.init_scheme = init_scheme
         self.num_users = num_users
         self.num_items = num_items
