@@ -28,7 +28,7 @@ def reference_metrics(
     target: set[tuple[int, int]],
     ks: list[int],
 ) -> dict[str, float]:
-    """Independent loop/set implementation of MMRec's four metrics.
+    """Independent loop/set implementation of MMRec's four metrics and per-user F1.
 
     Excluded items are removed from the candidate list, so a top-k list may be shorter
     than k when a user has fewer unmasked items (they can then never be hits).
@@ -58,6 +58,9 @@ def reference_metrics(
                     seen += 1
                     ap += seen / (pos + 1)
             totals[f"map@{k}"] += ap / min(len(relevant), k)
+            recall, precision = hits / len(relevant), hits / k
+            if hits:
+                totals[f"f1@{k}"] += 2 * precision * recall / (precision + recall)
     assert counted > 0
     return {key: value / counted for key, value in totals.items()}
 
@@ -128,6 +131,8 @@ def test_hand_worked_example() -> None:
     #   recall    1/6, 5/12, 7/12      precision 1/2, 1/2, 1/2
     #   ndcg      1/2, 1/2 (the two terms sum to 1), (0.703918 + 0.386853)/2 = 0.545386
     #   map       1/2, 3/8, (5/9 + 1/4)/2 = 29/72
+    #   f1 = 2PR/(P+R), 0 without a hit: user 0 1/2, 2/5, 2/3; user 1 0, 1/2, 2/5
+    #             1/4, 9/20, 8/15
     scores = torch.tensor(
         [
             [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
@@ -145,6 +150,7 @@ def test_hand_worked_example() -> None:
         "ndcg@1": 1 / 2, "ndcg@2": 1 / 2,
         "ndcg@3": (1.5 / (1 + inv + 0.5) + inv / (1 + inv)) / 2,
         "map@1": 1 / 2, "map@2": 3 / 8, "map@3": 29 / 72,
+        "f1@1": 1 / 4, "f1@2": 9 / 20, "f1@3": 8 / 15,
     }  # fmt: skip
     assert_close(got, expected)
     assert got["ndcg@3"] == pytest.approx(0.545386, abs=1e-6)
@@ -152,7 +158,7 @@ def test_hand_worked_example() -> None:
     sums = ranking_metric_sums(scores, exclude, target, ks=(3, 1, 2, 2))
     assert isinstance(sums, RankingSums)
     assert sums.ks == (1, 2, 3)
-    assert sums.sums.shape == (4, 3) and sums.sums.dtype == torch.float64
+    assert sums.sums.shape == (5, 3) and sums.sums.dtype == torch.float64
     assert int(sums.num_users) == 2
     assert_close(sums.averages(), expected)
 
@@ -202,7 +208,8 @@ def test_agrees_with_torch_geometric(with_exclusion: bool) -> None:
         assert bool(((masked > -math.inf).sum(1) >= max(ks)).all())
     top_index = masked.topk(max(ks), dim=1).indices
     ours = ranking_metrics(scores, exclude, target, ks)
-    assert_close(ours, _pyg_metrics(top_index, target, ks), tol=1e-5)
+    pyg = _pyg_metrics(top_index, target, ks)
+    assert_close({k: ours[k] for k in pyg}, pyg, tol=1e-5)
 
 
 def test_duplicate_targets_differ_from_torch_geometric() -> None:

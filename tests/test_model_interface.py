@@ -169,7 +169,10 @@ def test_models_with_their_own_objective_reject_another(name, data):
 
 
 def test_objective_names_are_checked():
-    with pytest.raises(ConfigError, match=r"'objective' must be null or one of \['bpr'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'objective' must be null or one of \['bpo', 'bpr', 'nbpo', 'nbpo_original'\]",
+    ):
         load_config(LightGCN.default_config(), overrides={"objective": "hinge"})
     with pytest.raises(ValueError, match="unknown objective 'hinge'"):
         make_objective("hinge")
