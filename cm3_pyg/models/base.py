@@ -98,6 +98,16 @@ class BatchRows(NamedTuple):
     neg: Tensor
     out: Any = None
 
+    @classmethod
+    def gather(cls, user_emb: Tensor, item_emb: Tensor, batch: Batch, out: Any = None) -> BatchRows:
+        """The batch's rows of full ``[U, D]`` / ``[I, D]`` scoring tables."""
+        return cls(
+            user_emb.index_select(0, batch.users),
+            item_emb.index_select(0, batch.pos_items),
+            gather_rows(item_emb, batch.neg_items),
+            out,
+        )
+
 
 @dataclass
 class LossTerms:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 
 
 class BPRMF(Recommender):
@@ -78,11 +78,7 @@ class BPRMF(Recommender):
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
         user_emb, item_emb = self()
-        return BatchRows(
-            user_emb.index_select(0, batch.users),
-            item_emb.index_select(0, batch.pos_items),
-            gather_rows(item_emb, batch.neg_items),
-        )
+        return BatchRows.gather(user_emb, item_emb, batch)
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
         """``reg_weight`` times MMRec's ``EmbLoss`` of the batch's rows."""

@@ -44,7 +44,7 @@ from cm3_pyg.models._common import (
     symmetric_bipartite_adjacency,
     user_item_edges,
 )
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, bpr_loss, spmm
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -205,13 +205,8 @@ class FREEDOM(Recommender):
         ]
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
-        ui_adj = self.training_adjacency(inputs.ui_adj) if self.training else inputs.ui_adj
-        user_emb, item_emb = self(ui_adj, self.item_graph(inputs))
-        return BatchRows(
-            user_emb.index_select(0, batch.users),
-            item_emb.index_select(0, batch.pos_items),
-            gather_rows(item_emb, batch.neg_items),
-        )
+        user_emb, item_emb = self.compute_embeddings(inputs)
+        return BatchRows.gather(user_emb, item_emb, batch)
 
     def auxiliary_losses(
         self, inputs: GraphInputs, batch: Batch, rows: BatchRows

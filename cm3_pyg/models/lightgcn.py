@@ -73,11 +73,7 @@ class LightGCN(Recommender):
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
         user_emb, item_emb = self(inputs.ui_adj)
-        return BatchRows(
-            user_emb.index_select(0, batch.users),
-            item_emb.index_select(0, batch.pos_items),
-            gather_rows(item_emb, batch.neg_items),
-        )
+        return BatchRows.gather(user_emb, item_emb, batch)
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
         """``reg_weight`` times MMRec's ``EmbLoss`` of the batch's layer-0 rows."""

@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
 from cm3_pyg.models._common import split_users_items
-from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender, gather_rows
+from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, normalize_rows, propagate_item_graph
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -311,12 +311,7 @@ class LIRDRec(Recommender):
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
         user_emb, item_emb = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
-        return BatchRows(
-            user_emb.index_select(0, batch.users),
-            item_emb.index_select(0, batch.pos_items),
-            gather_rows(item_emb, batch.neg_items),
-            out=(user_emb, item_emb),
-        )
+        return BatchRows.gather(user_emb, item_emb, batch, out=(user_emb, item_emb))
 
     def regularization(self, batch: Batch, rows: BatchRows) -> Tensor:
         """``reg_weight`` times the mean squares of the WHOLE user and item tables."""

@@ -369,12 +369,7 @@ class SEA(Recommender):
 
     def batch_rows(self, inputs: GraphInputs, batch: Batch) -> BatchRows:
         out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
-        return BatchRows(
-            out.user.index_select(0, batch.users),
-            out.item.index_select(0, batch.pos_items),
-            gather_rows(out.item, batch.neg_items),
-            out=out,
-        )
+        return BatchRows.gather(out.user, out.item, batch, out=out)
 
     def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
         """``ranking`` is the objective (BPR) on the scores in log base 2, the auxiliary

@@ -18,11 +18,18 @@ def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) ->
     the default implementation.
     """
     params = list(params)
-    fused = bool(params) and all(
+    return torch.optim.Adam(
+        params, lr=lr, weight_decay=weight_decay, fused=_fused_allowed(params) or None
+    )
+
+
+def _fused_allowed(params: list[Tensor]) -> bool:
+    """Whether every parameter allows the fused Adam kernel (dense floating point on CPU or
+    CUDA)."""
+    return bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() and not p.is_sparse
         for p in params
     )
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 #: Optimisers :func:`make_optimizer` builds.
@@ -39,11 +46,7 @@ def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.
     groups = [g for g in groups if g["params"]]
     if name == "adam":
         params = [p for g in groups for p in g["params"]]
-        fused = bool(params) and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() and not p.is_sparse
-            for p in params
-        )
-        return torch.optim.Adam(groups, lr=lr, fused=fused or None)
+        return torch.optim.Adam(groups, lr=lr, fused=_fused_allowed(params) or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
