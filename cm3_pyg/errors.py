@@ -23,6 +23,10 @@ class CheckpointError(CM3Error, ValueError):
     """A training checkpoint is missing, unreadable, malformed or does not fit the run."""
 
 
+class RequestError(CM3Error, ValueError):
+    """A forget request (unlearning) that names unknown, repeated or all of the data."""
+
+
 class NonFiniteLossError(CM3Error, RuntimeError):
     """A training batch's loss is NaN or infinite; training stops.
 

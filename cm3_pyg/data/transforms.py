@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+from torch import Tensor
 from torch_geometric.data import HeteroData
 from torch_geometric.transforms import BaseTransform
 
@@ -42,6 +44,8 @@ class ModalityKNNGraph(BaseTransform):
     ``.edge_weight`` ``[kI]``. The combination :math:`S = \sum_m w_m S_m` (weights from
     :func:`~cm3_pyg.data.graphs.modality_weights`) goes to
     ``data['item', 'mm_knn', 'item']``; with one modality it equals that modality's graph.
+    An optional bool mask ``data['item'][f'keep_{m}']`` limits modality :math:`m`'s graph to
+    the rows it marks (the others get no edges and are nobody's neighbour).
     Row ``edge_index[0]`` is the item being updated: :math:`h_i \leftarrow \sum_j S_{ij}
     h_j`.
 
@@ -121,10 +125,14 @@ class ModalityKNNGraph(BaseTransform):
                 raise DataFormatError(
                     f"data['item'].{key} has {x.size(0)} rows but there are {num_items} items"
                 )
-            if self.k > num_items:
-                raise ConfigError(f"k={self.k} exceeds the number of items ({num_items})")
-            _, idx = cosine_topk(x, self.k, block_size=self.block_size)
-            edge_index, edge_weight = knn_normalized_adjacency(idx, num_items)
+            keep = item.get(f"keep_{m}")
+            if keep is None:
+                if self.k > num_items:
+                    raise ConfigError(f"k={self.k} exceeds the number of items ({num_items})")
+                _, idx = cosine_topk(x, self.k, block_size=self.block_size)
+                edge_index, edge_weight = knn_normalized_adjacency(idx, num_items)
+            else:
+                edge_index, edge_weight = self._graph_of_kept_rows(x, keep, m)
             store = data["item", f"{m}_knn", "item"]
             store.edge_index = edge_index
             store.edge_weight = edge_weight
@@ -135,6 +143,22 @@ class ModalityKNNGraph(BaseTransform):
         store.edge_index = mm_index
         store.edge_weight = mm_weight
         return data
+
+    def _graph_of_kept_rows(self, x: Tensor, keep: Tensor, m: str) -> tuple[Tensor, Tensor]:
+        """The k-NN graph among the rows ``keep`` marks; the other rows get no edges and are
+        nobody's neighbour (rows removed from the modality, e.g. by unlearning)."""
+        if keep.dtype != torch.bool or keep.shape != (x.size(0),):
+            raise DataFormatError(
+                f"data['item'].keep_{m} must be a bool [{x.size(0)}] mask, got "
+                f"{keep.dtype} {tuple(keep.shape)}"
+            )
+        kept = keep.nonzero().flatten()
+        if self.k > kept.numel():
+            raise ConfigError(f"k={self.k} exceeds the {kept.numel()} items left in modality {m!r}")
+        _, idx = cosine_topk(x.index_select(0, kept), self.k, block_size=self.block_size)
+        local_index, edge_weight = knn_normalized_adjacency(idx, kept.numel())
+        # ``kept`` is increasing, so the mapped graph stays sorted by row, then column.
+        return kept[local_index], edge_weight
 
     def __repr__(self) -> str:
         return (

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.nn import Parameter, ParameterList
 
 from cm3_pyg.data.graphs import bipartite_normalized_adjacency
+from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency, to_adjacency
 
 
@@ -83,6 +84,10 @@ class FeatureOffsets(torch.nn.Module):
     def reset_parameters(self) -> None:
         for offset in self.offsets:
             torch.nn.init.zeros_(offset)
+
+    def row_tables(self) -> list[RowTable]:
+        """Each offset table: one row per item, derived from modality ``m``'s features."""
+        return [RowTable(f"offsets.{m}", "item", 0, m) for m in range(len(self.offsets))]
 
     def forward(self, m: int, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """Modality ``m``'s features ``x`` (all items, or those in ``rows``), corrected."""

@@ -35,6 +35,7 @@ import yaml
 from torch import Tensor
 
 from cm3_pyg.nn.objectives import make_objective, objective_names
+from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
 
 
@@ -210,6 +211,12 @@ class Recommender(torch.nn.Module):
     own_objective: ClassVar[str] = ""
     #: Factor on the ranking objective (SEA's reference uses BPR in log base 2).
     ranking_weight: ClassVar[float] = 1.0
+    #: The model's own tensors with one row per user or item (name -> (kind, axis));
+    #: submodules add theirs through a ``row_tables()`` method (see :meth:`row_tables`).
+    id_rows: ClassVar[dict[str, tuple[str, int]]] = {
+        "user_embedding": ("user", 0),
+        "item_embedding": ("item", 0),
+    }
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -425,6 +432,52 @@ class Recommender(torch.nn.Module):
         """The parameters the outer optimiser trains: all but the inner problems'."""
         inner = {id(p) for problem in self.inner_problems() for p in problem.module.parameters()}
         return [p for p in self.parameters() if id(p) not in inner]
+
+    # ------------------------------------------------------------------ rows by id
+    def row_tables(self) -> list[RowTable]:
+        """Every parameter and buffer indexed by user or item id (:class:`RowTable`).
+
+        The model's :attr:`id_rows` plus the tables its submodules declare (fine-tuned
+        feature copies, NBPO's flip factors). Unlearning resets exactly these rows; a test
+        checks that no other tensor of any registered model has a user- or item-sized axis.
+        """
+        tables = [RowTable(name, kind, axis) for name, (kind, axis) in self.id_rows.items()]
+        for prefix, module in self.named_modules():
+            if module is not self and callable(getattr(module, "row_tables", None)):
+                tables.extend(table.prefixed(prefix) for table in module.row_tables())
+        return tables
+
+    @torch.no_grad()
+    def copy_rows(
+        self,
+        source: Recommender,
+        users: Tensor | None = None,
+        items: Tensor | None = None,
+        modality: int | None = None,
+    ) -> list[str]:
+        """Overwrite the rows of ``users`` / ``items`` with ``source``'s (same architecture).
+
+        With ``source`` a freshly initialised model this returns those rows to the state a
+        model that never saw them would start from. ``modality`` restricts the item rows to
+        tables derived from that modality's features. Returns the names of the tables
+        written.
+        """
+        theirs = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+        ours = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        written = []
+        for table in self.row_tables():
+            ids = users if table.kind == "user" else items
+            if ids is None or ids.numel() == 0:
+                continue
+            if modality is not None and table.modality != modality:
+                continue
+            target, fresh = ours[table.name], theirs[table.name]
+            ids = ids.to(target.device)
+            target.index_copy_(
+                table.axis, ids, fresh.to(target.device).index_select(table.axis, ids)
+            )
+            written.append(table.name)
+        return written
 
     # ------------------------------------------------------------------ inference
     def compute_embeddings(self, inputs: GraphInputs) -> tuple[Tensor, Tensor]:

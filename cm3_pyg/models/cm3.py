@@ -87,6 +87,7 @@ class CM3(Recommender):
     name = "cm3"
     min_modalities = 1
     uses_item_graph = True
+    id_rows = {"user_embedding": ("user", 1), "user_channel_logits": ("user", 0)}
     objectives = ()
     own_objective = "alignment + calibrated uniformity"
 

@@ -56,6 +56,7 @@ from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, normalize_rows, propagate_item_graph
+from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
 
 
@@ -153,6 +154,10 @@ class ProgressiveWeightCopying(torch.nn.Module):
             self.last_attention.copy_(self.theta)
         self.epoch.zero_()
 
+    def row_tables(self) -> list[RowTable]:
+        """``theta`` and ``last_attention``: one row per user."""
+        return [RowTable("theta", "user"), RowTable("last_attention", "user")]
+
     def mixing_weights(self) -> tuple[float, float]:
         r"""The current :math:`(\omega_1, \omega_2)`."""
         return progressive_mixing_weights(self.decay_weight, self.decay_base, int(self.epoch))
@@ -213,6 +218,7 @@ class LIRDRec(Recommender):
     name = "lirdrec"
     min_modalities = 1
     uses_item_graph = True
+    id_rows = {"user_embedding": ("user", 1)}
 
     def __init__(
         self,

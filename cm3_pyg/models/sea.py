@@ -201,6 +201,7 @@ class SEA(Recommender):
     name = "sea"
     min_modalities = 2
     uses_item_graph = True
+    id_rows = {"user_preference": ("user", 1), "user_modality_weights": ("user", 0)}
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from cm3_pyg.nn.losses import bpr_loss
+from cm3_pyg.nn.rows import RowTable
 
 REDUCTIONS = ("mean", "sum")
 
@@ -139,6 +140,10 @@ class FlipModel(torch.nn.Module):
         if items.dim() == 2:
             p = p.unsqueeze(1)
         return (p * q).sum(-1)
+
+    def row_tables(self) -> list[RowTable]:
+        """The factor tables, one row per user and per item."""
+        return [RowTable("user_factors", "user"), RowTable("item_factors", "item")]
 
     def extra_repr(self) -> str:
         return (

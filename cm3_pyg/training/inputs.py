@@ -81,6 +81,8 @@ def build_graph_inputs(
         view.modalities = modalities
         for m, x in zip(modalities, features, strict=True):
             view["item"][f"x_{m}"] = x
+            if f"keep_{m}" in data["item"]:  # rows removed from the modality (unlearning)
+                view["item"][f"keep_{m}"] = data["item"][f"keep_{m}"]
         knn = ModalityKNNGraph(
             k=int(config["knn_k"]),
             weights=config["modality_weights"],

@@ -58,7 +58,9 @@ def load_run(
     state after the last completed epoch; ``torch.load(weights_only=True)``, so loading
     never runs code). The data is ``data`` if given, else the run's dataset read again (the
     embedded synthetic data, or the folder under ``data_root`` / ``$CM3_DATA_ROOT``); it must
-    be the data the run trained on (checked by the checkpoint's data fingerprint).
+    be the data the run trained on (checked by the checkpoint's data fingerprint); for an
+    unlearned run (:func:`cm3_pyg.unlearning.unlearn_run`) it is the source data, and the
+    run's ``retain.pt`` removes what was forgotten.
 
     Raises:
         CheckpointError: no usable checkpoint, a model it does not fit, or other data.
@@ -76,6 +78,12 @@ def load_run(
             modalities=config["modalities"],
             duplicates=config["duplicate_interactions"],
         )
+    retain_path = folder / "retain.pt"
+    if retain_path.exists():
+        # An unlearned run: the data minus what was forgotten (cm3_pyg.unlearning).
+        from cm3_pyg.unlearning.retain import apply_retain, load_retain
+
+        data = apply_retain(data, load_retain(retain_path))
     model_cls = get_model_class(str(saved["model"]))
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
     splits = get_splits(data)
