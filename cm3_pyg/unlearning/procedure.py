@@ -17,7 +17,9 @@ Recall@k is measured (ranked over the items the user keeps no train edge with) a
 stops once it is at or below :func:`forget_target`: the recall the original model gives the
 same users' held-out (validation) edges for an edge request, chance level (``k`` over the
 user's candidate items) when the forgotten users or items have no data left at all. The loss
-weights and this rule are our design (the paper released none); see ``README.md``.
+weights and this rule are our design (the paper released none); the first TikTok
+measurements (``benchmarks/results/unlearning-tiktok.md``) show the chance-level target
+overshooting for user requests, so both are provisional.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ __all__ = ["UnlearningResult", "UnlearningSettings", "forget_metrics", "forget_t
 
 @dataclass(frozen=True)
 class UnlearningSettings:
-    """The procedure's knobs (defaults: the values measured in ``benchmarks/results``).
+    """The procedure's knobs (provisional defaults: see ``results/unlearning-tiktok.md``).
 
     Attributes:
         alpha: weight of the reverse term (``1 - alpha`` on the retain loss); ``0`` is the
