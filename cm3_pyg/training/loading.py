@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from cm3_pyg.models import GraphInputs, Recommender, get_model_class
 from cm3_pyg.training.checkpoint import CHECKPOINT_NAME, data_fingerprint, load_checkpoint
 from cm3_pyg.training.inputs import Splits, build_graph_inputs, get_splits
 
-__all__ = ["TrainedRun", "load_run"]
+__all__ = ["TrainedRun", "load_run", "source_data"]
 
 
 @dataclass
@@ -46,6 +47,24 @@ class TrainedRun:
         return self.model.recommend(users, k, exclude=self.splits.train if exclude_train else None)
 
 
+def source_data(
+    saved: Mapping[str, Any], data_root: str | None = None, cache_dir: str | None = None
+) -> HeteroData:
+    """The dataset the run of checkpoint ``saved`` read, read again: the embedded synthetic
+    data, or its folder under ``data_root`` / ``$CM3_DATA_ROOT``, with the run's modalities
+    and duplicate policy."""
+    dataset = str(saved["dataset"])
+    config = saved["config"]
+    data, _ = load_dataset(
+        data_root if dataset != "synthetic" else None,
+        dataset if dataset != "synthetic" else None,
+        cache_dir=cache_dir,
+        modalities=config["modalities"],
+        duplicates=config["duplicate_interactions"],
+    )
+    return data
+
+
 def load_run(
     run_dir: str | os.PathLike[str],
     data: HeteroData | None = None,
@@ -70,14 +89,7 @@ def load_run(
     saved = load_checkpoint(path)
     config = dict(saved["config"])
     if data is None:
-        dataset = str(saved["dataset"])
-        data, _ = load_dataset(
-            data_root if dataset != "synthetic" else None,
-            dataset if dataset != "synthetic" else None,
-            cache_dir=cache_dir,
-            modalities=config["modalities"],
-            duplicates=config["duplicate_interactions"],
-        )
+        data = source_data(saved, data_root, cache_dir)
     retain_path = folder / "retain.pt"
     if retain_path.exists():
         # An unlearned run: the data minus what was forgotten (cm3_pyg.unlearning).

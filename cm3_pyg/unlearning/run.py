@@ -30,9 +30,9 @@ from typing import Any
 
 from torch_geometric.data import HeteroData
 
-from cm3_pyg.data.loading import load_dataset
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.io import atomic_write_text
+from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models import Recommender
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -42,7 +42,7 @@ from cm3_pyg.training.checkpoint import (
 )
 from cm3_pyg.training.experiment import run_experiment
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
-from cm3_pyg.training.loading import load_run
+from cm3_pyg.training.loading import load_run, source_data
 from cm3_pyg.training.trainer import Trainer, seed_everything
 from cm3_pyg.unlearning.procedure import (
     UnlearningSettings,
@@ -87,24 +87,26 @@ def unlearn_run(
     config = dict(saved["config"])
     dataset = str(saved["dataset"])
     if data is None:
-        data, _ = load_dataset(
-            data_root if dataset != "synthetic" else None,
-            dataset if dataset != "synthetic" else None,
-            cache_dir=cache_dir,
-            modalities=config["modalities"],
-            duplicates=config["duplicate_interactions"],
-        )
+        data = source_data(saved, data_root, cache_dir)
     retain = build_retain_data(data, request)
     original = load_run(run_dir, data=data)
     cls = type(original.model)
     inputs = build_graph_inputs(retain.data, config, uses_item_graph=cls.uses_item_graph)
     splits = get_splits(retain.data)
 
+    test_evaluator = FullRankingEvaluator(
+        inputs.num_items,
+        splits.train,
+        splits.test,
+        tuple(config["topk"]),
+        int(config["eval_batch_size"]),
+    )
+
     def measure(model: Recommender, model_inputs: Any, seconds: float) -> dict[str, Any]:
-        evaluator = Trainer(model, model_inputs, splits, config, progress=False)
+        user_emb, item_emb = model.embed(model_inputs)
         return {
             "forget": forget_metrics(model, model_inputs, splits.train, retain.forget_edges),
-            "test": evaluator.evaluate("test"),
+            "test": test_evaluator.evaluate(user_emb, item_emb),
             "seconds": seconds,
         }
 
