@@ -1,12 +1,16 @@
-"""Issue 16's measurement: forget 5% of users, or 5% of items, of a trained run; compare
-the unlearned model with gold (retrained on the retain data) and retain-only fine-tuning.
+"""Issue 16's measurement: forget 5% of users, 5% of items, or the image rows of 10% of the
+items of a trained run; compare the unlearned model with gold (retrained on the retain data)
+and retain-only fine-tuning.
 
-python -m benchmarks.unlearning_tiktok --data-root ../shared/data --models lightgcn \
+python -m benchmarks.unlearning_tiktok --data-root ../shared/data --models lightgcn,cm3 \
     --seeds 999,1000,1001 --out runs/unlearning-tiktok
 
-Trains (or reuses) one run per model and seed, draws the requests with a generator seeded by
-the run's seed, runs ``cm3_pyg.unlearning.unlearn_run`` with ``gold`` and ``finetune``, and
-writes ``results.json`` plus a markdown table of the per-seed values and their means.
+Trains (or reuses) one run per model and seed and one gold run per request (in
+``OUT/<model>-seed<seed>-gold-<kind>``, so a change of the procedure is re-measured without
+retraining gold), draws the requests with a generator seeded by the run's seed, runs
+``cm3_pyg.unlearning.unlearn_run`` with ``finetune`` against that gold run, and writes
+``results.json`` plus a markdown table of the per-seed values and their means. The modality
+request is skipped for models that read no features.
 """
 
 from __future__ import annotations
@@ -24,16 +28,20 @@ from cm3_pyg.models import get_model_class
 from cm3_pyg.training import load_config
 from cm3_pyg.training.experiment import run_experiment
 from cm3_pyg.training.inputs import get_splits
-from cm3_pyg.unlearning import ForgetRequest, unlearn_run
+from cm3_pyg.unlearning import ForgetRequest, build_retain_data, unlearn_run
 
 
-def requests(data, seed: int, fraction: float) -> dict[str, ForgetRequest]:
+def requests(
+    data, seed: int, fraction: float, modality: str, modality_fraction: float
+) -> dict[str, ForgetRequest]:
     generator = torch.Generator().manual_seed(seed)
     train = get_splits(data).train
     users = torch.unique(train[0])
     items = torch.unique(train[1])
     pick_users = users[torch.randperm(users.numel(), generator=generator)]
     pick_items = items[torch.randperm(items.numel(), generator=generator)]
+    all_items = torch.randperm(data["item"].num_nodes, generator=generator)
+    some = all_items[: round(modality_fraction * all_items.numel())].sort().values
     return {
         "users": ForgetRequest(
             "users", pick_users[: round(fraction * users.numel())].sort().values
@@ -41,6 +49,7 @@ def requests(data, seed: int, fraction: float) -> dict[str, ForgetRequest]:
         "items": ForgetRequest(
             "items", pick_items[: round(fraction * items.numel())].sort().values
         ),
+        "modality": ForgetRequest("modality", some, modality),
     }
 
 
@@ -52,6 +61,9 @@ def main() -> None:
     parser.add_argument("--models", default="lightgcn")
     parser.add_argument("--seeds", default="999,1000,1001")
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--kinds", default="users,items,modality")
+    parser.add_argument("--modality", default="image")
+    parser.add_argument("--modality-fraction", type=float, default=0.1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -64,13 +76,21 @@ def main() -> None:
             run_dir = out / f"{model}-seed{seed}"
             if not (run_dir / "metrics.json").exists():
                 run_experiment(data, model, config, run_dir, name, progress=False)
-            for kind, request in requests(data, seed, args.fraction).items():
+            drawn = requests(data, seed, args.fraction, args.modality, args.modality_fraction)
+            for kind in args.kinds.split(","):
+                request = drawn[kind]
+                if kind == "modality" and cls.min_modalities == 0:
+                    continue
+                gold = out / f"{model}-seed{seed}-gold-{kind}"
+                if not (gold / "metrics.json").exists():
+                    retain = build_retain_data(data, request)
+                    run_experiment(retain.data, model, config, gold, name, progress=False)
                 target = out / f"{model}-seed{seed}-forget-{kind}"
                 if (target / "unlearn.json").exists():
                     report = json.loads((target / "unlearn.json").read_text(encoding="utf-8"))
                 else:
                     report = unlearn_run(
-                        run_dir, request, target, gold=True, finetune=True, data=data
+                        run_dir, request, target, finetune=True, gold_run=gold, data=data
                     )
                 results.setdefault(f"{model}/{kind}", {})[str(seed)] = report
                 print(

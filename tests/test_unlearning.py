@@ -17,12 +17,15 @@ from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.trainer import Trainer, seed_everything
 from cm3_pyg.unlearning import (
     ForgetRequest,
+    ForgetTarget,
     UnlearningSettings,
     apply_retain,
     build_retain_data,
     forget_metrics,
     forget_target,
     load_retain,
+    never_seen_recall,
+    reset_seed,
     save_retain,
     unlearn,
 )
@@ -250,7 +253,7 @@ def test_unlearning_users_moves_forget_recall_toward_gold(data, name):
     model = copy.deepcopy(original)
     seed_everything(1)
     model.copy_rows(cls.from_config(config, inputs), users=retain.reset_users)
-    target = forget_target(original, original_inputs, splits, retain.forget_edges, False)
+    target = forget_target(original, original_inputs, splits, retain.forget_edges, "users")
     result = unlearn(
         model, inputs, splits, retain.forget_edges, config, UnlearningSettings(alpha=0.5), target
     )
@@ -268,6 +271,85 @@ def test_unlearning_users_moves_forget_recall_toward_gold(data, name):
             mine = dict(model.named_parameters())[table.name].index_select(table.axis, users)
             old = dict(original.named_parameters())[table.name].index_select(table.axis, users)
             assert not torch.isclose(mine, old).any()
+
+
+def test_never_seen_recall_matches_a_brute_force_ranking(data):
+    cls = get_model_class("lightgcn")
+    config = _config(cls, epochs=5)
+    model, inputs = _train(cls, data, config)
+    retain = build_retain_data(data, ForgetRequest("users", torch.tensor([7, 21])))
+    splits = get_splits(retain.data)
+    retain_inputs = build_graph_inputs(retain.data, config, cls.uses_item_graph)
+    forget = retain.forget_edges
+    # two users: the only derangement swaps them, whatever the draw
+    got = never_seen_recall(model, retain_inputs, splits.train, forget, k=20, draws=3)
+    with torch.no_grad():
+        user_emb, item_emb = model.embed(retain_inputs)
+    recalls = []
+    for user, stand_in in ((7, 21), (21, 7)):
+        scores = item_emb.double() @ user_emb[stand_in].double()
+        top = set(scores.topk(20).indices.tolist())  # a forgotten user keeps no train item
+        targets = set(forget[1, forget[0] == user].tolist())
+        recalls.append(len(top & targets) / len(targets))
+    assert got == pytest.approx(sum(recalls) / 2, abs=1e-6)
+    one = build_retain_data(data, ForgetRequest("users", torch.tensor([7])))
+    alone = never_seen_recall(model, retain_inputs, get_splits(one.data).train, one.forget_edges)
+    assert alone == pytest.approx(20 / NUM_ITEMS)  # nothing to pair with: chance level
+
+
+def test_user_requests_stop_at_the_never_seen_recall_of_the_current_model(data):
+    cls = get_model_class("lightgcn")
+    config = _config(cls, epochs=3)
+    model, inputs = _train(cls, data, config)
+    users = torch.tensor([1, 5, 9])
+    retain = build_retain_data(data, ForgetRequest("users", users))
+    splits = get_splits(retain.data)
+    target = forget_target(model, inputs, splits, retain.forget_edges, "users")
+    assert target.rule == "never_seen" and target.value is None
+    retain_inputs = build_graph_inputs(retain.data, config, cls.uses_item_graph)
+    expected = never_seen_recall(model, retain_inputs, splits.train, retain.forget_edges)
+    assert target.current(model, retain_inputs) == expected
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.item_embedding.mul_(-1.0)  # a different item side: a new target
+    assert target.current(other, retain_inputs) != expected
+    edges = forget_target(model, inputs, splits, retain.forget_edges, "edges")
+    items = forget_target(model, inputs, splits, retain.forget_edges, "items")
+    assert edges.rule in ("held_out", "chance") and items.rule == "chance"
+    assert items.value == pytest.approx(20 / NUM_ITEMS, rel=0.05)
+
+
+def test_users_left_without_data_keep_their_reset_rows(data):
+    cls = get_model_class("lightgcn")
+    config = _config(cls, epochs=3, weight_decay=0.0)
+    model, _ = _train(cls, data, config)
+    users = torch.tensor([2, 8, 40])
+    retain = build_retain_data(data, ForgetRequest("users", users))
+    splits = get_splits(retain.data)
+    inputs = build_graph_inputs(retain.data, config, cls.uses_item_graph)
+    items_before = model.item_embedding.detach().clone()
+    rows_before = model.user_embedding.detach()[users].clone()
+    never = ForgetTarget("chance", -1.0)  # never reached: the whole budget runs
+    result = unlearn(
+        model, inputs, splits, retain.forget_edges, config, UnlearningSettings(max_epochs=1), never
+    )
+    assert result.steps > 0 and result.stop_reason == "max_epochs"
+    assert torch.equal(model.user_embedding.detach()[users], rows_before)
+    assert not torch.equal(model.item_embedding.detach(), items_before)
+
+
+def test_reset_rows_are_not_the_original_initial_rows(data):
+    # Redrawing with the run's own seed would give back the rows the trained item side grew
+    # around; the reset must be an independent draw.
+    cls = get_model_class("lightgcn")
+    config = _config(cls)
+    inputs = build_graph_inputs(data, config, cls.uses_item_graph)
+    seed_everything(config["seed"])
+    initial = cls.from_config(config, inputs).user_embedding.detach().clone()
+    seed_everything(reset_seed(config["seed"]))
+    reset = cls.from_config(config, inputs).user_embedding.detach()
+    assert not torch.isclose(initial, reset).any()
+    assert reset_seed(config["seed"]) == reset_seed(config["seed"]) != reset_seed(2)
 
 
 def test_settings_are_checked():

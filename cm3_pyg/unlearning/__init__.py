@@ -6,10 +6,13 @@ were reset (:meth:`~cm3_pyg.models.Recommender.copy_rows` from a fresh model).
 """
 
 from cm3_pyg.unlearning.procedure import (
+    ForgetTarget,
     UnlearningResult,
     UnlearningSettings,
     forget_metrics,
     forget_target,
+    never_seen_recall,
+    reset_seed,
     unlearn,
 )
 from cm3_pyg.unlearning.retain import (
@@ -28,6 +31,7 @@ __all__ = [
     "REQUEST_KINDS",
     "RETAIN_NAME",
     "ForgetRequest",
+    "ForgetTarget",
     "RetainData",
     "UnlearningResult",
     "UnlearningSettings",
@@ -36,6 +40,8 @@ __all__ = [
     "forget_metrics",
     "forget_target",
     "load_retain",
+    "never_seen_recall",
+    "reset_seed",
     "save_retain",
     "unlearn",
     "unlearn_run",

@@ -10,16 +10,25 @@ where :math:`L_{\text{model}}` is the model's own training loss (its objective, 
 terms and regulariser: BPR for the pairwise models, CM3's alignment + calibrated uniformity
 for CM3) on a batch of the retain set, and :math:`j` is a sampled item the user has no train
 edge with (forgotten ones included). Before the first step the rows of forgotten users and
-items are reset to a fresh initialisation (the state a model that never saw them starts in).
+items are reset to a fresh initialisation (the state a model that never saw them starts in),
+drawn with :func:`reset_seed`, never the original run's own initial rows. A user left
+without data keeps that row: the reverse term passes no gradient into it, as a retrained
+model never trains it, so only the item side unlearns that user's edges.
 
-Stopping needs no gold model: every ``1 / checks_per_epoch`` of an epoch the forget set's
-Recall@k is measured (ranked over the items the user keeps no train edge with) and the run
-stops once it is at or below :func:`forget_target`: the recall the original model gives the
-same users' held-out (validation) edges for an edge request, chance level (``k`` over the
-user's candidate items) when the forgotten users or items have no data left at all. The loss
-weights and this rule are our design (the paper released none); the first TikTok
-measurements (``benchmarks/results/unlearning-tiktok.md``) show the chance-level target
-overshooting for user requests, so both are provisional.
+Stopping needs no gold model: before the first step and every ``1 / checks_per_epoch`` of
+an epoch the forget set's Recall@k is measured (ranked over the items the user keeps no
+train edge with) and the run stops once it is at or below the request's target:
+
+* edges (the users keep data): the recall the original model gives the same users'
+  held-out (validation) edges, i.e. how well it ranks pairs it never trained on;
+* users (no data left): :func:`never_seen_recall`, the forget recall under rows that know
+  nothing of their users (the reset rows, shuffled among the forgotten users), re-measured
+  on the current model at every check;
+* items (no data left): chance level, ``k`` over the user's candidate items.
+
+A modality request has no forget edges: it runs ``min_epochs`` (at least one) of
+retain-only passes. The loss weights and this rule are our design (the paper released
+none); ``benchmarks/results/unlearning-tiktok.md`` has the measurements they rest on.
 """
 
 from __future__ import annotations
@@ -38,7 +47,16 @@ from cm3_pyg.training.inputs import Splits
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
 from cm3_pyg.training.trainer import Trainer
 
-__all__ = ["UnlearningResult", "UnlearningSettings", "forget_metrics", "forget_target", "unlearn"]
+__all__ = [
+    "ForgetTarget",
+    "UnlearningResult",
+    "UnlearningSettings",
+    "forget_metrics",
+    "forget_target",
+    "never_seen_recall",
+    "reset_seed",
+    "unlearn",
+]
 
 
 @dataclass(frozen=True)
@@ -78,13 +96,13 @@ class UnlearningResult:
         steps: optimiser steps taken.
         seconds: wall time of the procedure (checks included).
         stop_reason: ``target`` (the rule fired), ``max_epochs`` or ``no_forget_set``.
-        history: ``(step, forget recall@k)`` at every check.
+        history: ``(step, forget recall@k, target)`` at every check.
     """
 
     steps: int
     seconds: float
     stop_reason: str
-    history: list[tuple[int, float]] = field(default_factory=list)
+    history: list[tuple[int, float, float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -104,20 +122,95 @@ def forget_metrics(
     return evaluator.evaluate(user_emb, item_emb)
 
 
+def reset_seed(seed: int) -> int:
+    """The seed the forgotten rows' fresh initialisation is drawn with.
+
+    Not the run's own seed: that would redraw the rows the original model started from, and
+    the trained item side is correlated with those (their items moved toward them from the
+    first step), so a "reset" user would still rank its own items high.
+    """
+    return (int(seed) * 1_000_003 + 0x5EED) % (2**31 - 1)
+
+
+@torch.no_grad()
+def never_seen_recall(
+    model: Recommender,
+    inputs: GraphInputs,
+    retain_train: Tensor,
+    forget_edges: Tensor,
+    k: int = 20,
+    draws: int = 4,
+    seed: int = 0,
+) -> float:
+    """Forget-set Recall@k under rows that know nothing of their users.
+
+    Each forgotten user's targets are ranked with *another* forgotten user's (reset) row, a
+    seeded derangement per draw, averaged over ``draws``: what users the model never saw
+    get from the current item side. A model retrained without the users gives them such
+    rows, so this estimates its forget recall without training it; what the current item
+    side still holds of the forgotten edges shows up in both this and the real metric.
+    Chance level (``k`` over the candidates) when fewer than two users were forgotten.
+    """
+    users = torch.unique(forget_edges[0].cpu())
+    if users.numel() < 2:
+        kept = int((retain_train[0] == users[0]).sum()) if users.numel() else 0
+        return min(1.0, k / max(1, inputs.num_items - kept))
+    user_emb, item_emb = model.embed(inputs)
+    evaluator = FullRankingEvaluator(inputs.num_items, retain_train, forget_edges, (k,))
+    generator = torch.Generator().manual_seed(seed)
+    device = user_emb.device
+    total = 0.0
+    for _ in range(draws):
+        order = users[torch.randperm(users.numel(), generator=generator)]
+        shuffled = user_emb.clone()
+        shuffled[order.to(device)] = user_emb[order.roll(1).to(device)]
+        total += evaluator.evaluate(shuffled, item_emb)[f"recall@{k}"]
+    return total / draws
+
+
+@dataclass
+class ForgetTarget:
+    """The forget recall the stopping rule aims at (see the module doc).
+
+    Attributes:
+        rule: ``held_out`` (edge requests), ``never_seen`` (user requests) or ``chance``
+            (item requests).
+        value: the fixed target of ``held_out`` and ``chance``; ``None`` for ``never_seen``,
+            which is re-measured on the current model by :meth:`current`.
+        retain_train: the retain train edges (``never_seen``).
+        forget_edges: the forget set (``never_seen``).
+        k: the recall cut-off.
+    """
+
+    rule: str
+    value: float | None = None
+    retain_train: Tensor | None = None
+    forget_edges: Tensor | None = None
+    k: int = 20
+
+    def current(self, model: Recommender, inputs: GraphInputs) -> float:
+        if self.value is not None:
+            return self.value
+        assert self.retain_train is not None and self.forget_edges is not None
+        return never_seen_recall(model, inputs, self.retain_train, self.forget_edges, self.k)
+
+
 def forget_target(
     original: Recommender,
     original_inputs: GraphInputs,
     retain: Splits,
     forget_edges: Tensor,
-    users_have_data: bool,
+    kind: str,
     k: int = 20,
-) -> float | None:
-    """The forget-set recall the stopping rule aims at (see the module doc); ``None`` if
-    there is no forget set."""
+) -> ForgetTarget | None:
+    """The stopping rule's target for a request of ``kind`` (see the module doc); ``None``
+    if there is no forget set (a modality request)."""
     if forget_edges.size(1) == 0:
         return None
     users = torch.unique(forget_edges[0])
-    if users_have_data:
+    if kind == "users":
+        return ForgetTarget("never_seen", retain_train=retain.train, forget_edges=forget_edges, k=k)
+    if kind == "edges":
         held_out = retain.valid[:, torch.isin(retain.valid[0], users)]
         if held_out.size(1):
             with torch.no_grad():
@@ -125,23 +218,28 @@ def forget_target(
             evaluator = FullRankingEvaluator(
                 original_inputs.num_items, retain.train, held_out, (k,)
             )
-            return evaluator.evaluate(user_emb, item_emb)[f"recall@{k}"]
+            return ForgetTarget("held_out", evaluator.evaluate(user_emb, item_emb)[f"recall@{k}"])
     kept = torch.bincount(retain.train[0], minlength=int(users.max()) + 1)[users]
     candidates = (original_inputs.num_items - kept).clamp_min(1).float()
-    return float((k / candidates).clamp_max(1.0).mean())
+    return ForgetTarget("chance", float((k / candidates).clamp_max(1.0).mean()), k=k)
 
 
-def _pair_scores(model: Recommender, inputs: GraphInputs, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Scores of the batch's (user, positive) and (user, negative) pairs, with gradients."""
+def _pair_scores(
+    model: Recommender, inputs: GraphInputs, batch: Batch, frozen: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Scores of the batch's (user, positive) and (user, negative) pairs, with gradients;
+    rows of users marked in ``frozen`` (``[num_users]`` bool) pass no gradient."""
     if model.objectives:
         rows = model.batch_rows(inputs, batch)
-        return model.score(rows.user, rows.pos), model.score(rows.user, rows.neg)
-    user_emb, item_emb = model.compute_embeddings(inputs)
-    user = user_emb.index_select(0, batch.users)
-    return (
-        model.score(user, item_emb.index_select(0, batch.pos_items)),
-        model.score(user, item_emb.index_select(0, batch.neg_items)),
-    )
+        user, pos, neg = rows.user, rows.pos, rows.neg
+    else:
+        user_emb, item_emb = model.compute_embeddings(inputs)
+        user = user_emb.index_select(0, batch.users)
+        pos = item_emb.index_select(0, batch.pos_items)
+        neg = item_emb.index_select(0, batch.neg_items)
+    hold = frozen[batch.users].unsqueeze(-1)
+    user = torch.where(hold, user.detach(), user)
+    return model.score(user, pos), model.score(user, neg)
 
 
 def unlearn(
@@ -151,7 +249,7 @@ def unlearn(
     forget_edges: Tensor,
     config: dict,
     settings: UnlearningSettings,
-    target: float | None,
+    target: ForgetTarget | None,
 ) -> UnlearningResult:
     """Run the procedure on ``model`` in place (rows already reset) over the retain data.
 
@@ -163,7 +261,7 @@ def unlearn(
         config: the run's configuration (learning rate, batch size, optimiser, ...).
         settings: the procedure's weights and stopping rule.
         target: the forget recall to stop at (:func:`forget_target`); ``None``: run
-            ``min_epochs`` (at least one check's worth) of retain-only steps.
+            ``min_epochs`` (at least one epoch) of retain-only steps.
     """
     start = time.perf_counter()
     # A fresh optimiser: no moment of the original run's optimiser is carried over.
@@ -175,14 +273,30 @@ def unlearn(
     # Reverse-term negatives: items the user had no train edge with, forgotten ones included.
     everything = torch.cat([train, forget_edges], dim=1)
     forget_sampler = NegativeSampler(everything, inputs.num_items, "all") if alpha else None
+    # A forgotten user left without data keeps its reset row, as in a model retrained
+    # without it: the reverse term moves only the item side for it. (Under Adam the row
+    # would otherwise turn against its old items within a few steps, far below gold.)
+    frozen = torch.ones(inputs.num_users, dtype=torch.bool, device=device)
+    frozen[train[0]] = False
     batch_size = int(config["train_batch_size"])
     per_epoch = math.ceil(train.size(1) / batch_size)
     check_every = max(1, per_epoch // settings.checks_per_epoch)
     min_steps = math.ceil(settings.min_epochs * per_epoch)
     if target is None:
-        min_steps = max(min_steps, check_every)
-    history: list[tuple[int, float]] = []
+        min_steps = max(min_steps, per_epoch)
+    history: list[tuple[int, float, float]] = []
     steps = 0
+
+    def reached() -> bool:
+        assert target is not None
+        recall = forget_metrics(model, inputs, train, forget_edges, settings.k)
+        aim = target.current(model, inputs)
+        history.append((steps, recall[f"recall@{settings.k}"], aim))
+        model.train()
+        return history[-1][1] <= aim
+
+    if target is not None and min_steps == 0 and reached():
+        return UnlearningResult(0, time.perf_counter() - start, "target", history)
     model.train()
     for epoch in range(1, settings.max_epochs + 1):
         model.on_epoch_start(epoch, inputs)
@@ -201,7 +315,7 @@ def unlearn(
                 )
                 f_users, f_items = forget_edges[0, pick], forget_edges[1, pick]
                 f_neg = forget_sampler.sample(f_users, trainer.generator)
-                x_pos, x_neg = _pair_scores(model, inputs, Batch(f_users, f_items, f_neg))
+                x_pos, x_neg = _pair_scores(model, inputs, Batch(f_users, f_items, f_neg), frozen)
                 loss = loss + alpha * -F.logsigmoid(x_neg - x_pos).mean()
             for problem in trainer.inner_problems:
                 trainer.fit_inner(problem, terms.inner_inputs[problem.name])
@@ -214,9 +328,6 @@ def unlearn(
                     return UnlearningResult(
                         steps, time.perf_counter() - start, "no_forget_set", history
                     )
-                recall = forget_metrics(model, inputs, train, forget_edges, settings.k)
-                history.append((steps, recall[f"recall@{settings.k}"]))
-                model.train()
-                if history[-1][1] <= target:
+                if reached():
                     return UnlearningResult(steps, time.perf_counter() - start, "target", history)
     return UnlearningResult(steps, time.perf_counter() - start, "max_epochs", history)

@@ -8,7 +8,8 @@ loader how the retain data differs from the dataset.
 What the folder holds, and why none of it keeps forgotten data:
 
 * ``checkpoint.pt``: the unlearned weights (the forgotten users' and items' rows reset to a
-  fresh initialisation, then trained by the procedure) and a *fresh* optimiser state: the
+  fresh initialisation, drawn independently of the original's, then trained by the
+  procedure) and a *fresh* optimiser state: the
   original run's Adam moments and the procedure's (which saw the forget set) are not saved;
   its data fingerprint is the retain data's.
 * ``retain.pt``: the retain splits (the forgotten edges are not in them) and, per modality,
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch_geometric.data import HeteroData
 
 from cm3_pyg.errors import ConfigError
@@ -48,6 +50,7 @@ from cm3_pyg.unlearning.procedure import (
     UnlearningSettings,
     forget_metrics,
     forget_target,
+    reset_seed,
     unlearn,
 )
 from cm3_pyg.unlearning.retain import RETAIN_NAME, ForgetRequest, build_retain_data, save_retain
@@ -62,6 +65,7 @@ def unlearn_run(
     settings: UnlearningSettings | None = None,
     gold: bool = False,
     finetune: bool = False,
+    gold_run: str | os.PathLike[str] | None = None,
     data: HeteroData | None = None,
     data_root: str | None = None,
     cache_dir: str | None = None,
@@ -69,10 +73,14 @@ def unlearn_run(
     """Apply ``request`` to the run in ``run_dir``; write the unlearned run to ``out_dir``.
 
     Returns ``unlearn.json``'s content: ``request`` (kind and size), and for ``original``,
-    ``unlearned``, ``gold`` (``--gold``, else ``None``) and ``finetune`` (the retain-only
-    baseline, else ``None``): ``forget`` (Recall/NDCG@20 of the forgotten edges, ranked over
-    the items each user keeps no train edge with), ``test`` (the retain data's test
-    metrics) and ``seconds`` (the original's training time, the others' wall time).
+    ``unlearned``, ``gold`` (``--gold``, else ``None``) and ``finetune`` (the original
+    trained ``max_epochs`` on the retain data only, no reset; else ``None``): ``forget``
+    (Recall/NDCG@20 of the forgotten edges, ranked over the items each user keeps no train
+    edge with; for a modality request, of the affected items' train edges, which stay),
+    ``test`` (the retain data's test metrics) and ``seconds`` (the original's training
+    time, gold's retraining time, the others' wall time); ``target``, the stopping rule's
+    kind and fixed value. ``gold_run`` measures an existing gold run (trained on this
+    request's retain data: its data fingerprint is checked) instead of retraining.
 
     Raises:
         RequestError: a request that does not fit the data (nothing is written).
@@ -102,10 +110,19 @@ def unlearn_run(
         int(config["eval_batch_size"]),
     )
 
+    # What "forget" measures: the forgotten edges; for a modality request (whose edges stay)
+    # the affected items' train edges, so the unlearned model's use of those items can be
+    # compared with gold's.
+    if request.kind == "modality":
+        affected = torch.isin(splits.train[1], request.ids.to(splits.train.device))
+        measured, measured_train = splits.train[:, affected], splits.train[:, ~affected]
+    else:
+        measured, measured_train = retain.forget_edges, splits.train
+
     def measure(model: Recommender, model_inputs: Any, seconds: float) -> dict[str, Any]:
         user_emb, item_emb = model.embed(model_inputs)
         return {
-            "forget": forget_metrics(model, model_inputs, splits.train, retain.forget_edges),
+            "forget": forget_metrics(model, model_inputs, measured_train, measured),
             "test": test_evaluator.evaluate(user_emb, item_emb),
             "seconds": seconds,
         }
@@ -122,37 +139,45 @@ def unlearn_run(
         original.inputs,
         splits,
         retain.forget_edges,
-        users_have_data=request.kind == "edges",
+        request.kind,
         k=settings.k,
     )
-    report["target_forget_recall"] = target
+    report["target"] = None if target is None else {"rule": target.rule, "value": target.value}
 
-    def procedure(alpha: float) -> tuple[Recommender, dict[str, Any]]:
+    def run_procedure(reset: bool, run_settings: UnlearningSettings, aim: Any) -> tuple:
         start = time.perf_counter()
         model = copy.deepcopy(original.model)
-        seed_everything(int(config["seed"]))
-        fresh = cls.from_config(config, inputs)
-        model.copy_rows(fresh, retain.reset_users, retain.reset_items, retain.modality_index)
-        run_settings = UnlearningSettings(**{**vars(settings), "alpha": alpha})
-        result = unlearn(model, inputs, splits, retain.forget_edges, config, run_settings, target)
-        seconds = time.perf_counter() - start
-        record = measure(model, inputs, seconds)
+        if reset:
+            seed_everything(reset_seed(int(config["seed"])))
+            fresh = cls.from_config(config, inputs)
+            model.copy_rows(fresh, retain.reset_users, retain.reset_items, retain.modality_index)
+        result = unlearn(model, inputs, splits, retain.forget_edges, config, run_settings, aim)
+        record = measure(model, inputs, time.perf_counter() - start)
         record.update(steps=result.steps, stop_reason=result.stop_reason, history=result.history)
         return model, record
 
-    model, report["unlearned"] = procedure(settings.alpha)
-    report["finetune"] = procedure(0.0)[1] if finetune else None
+    model, report["unlearned"] = run_procedure(True, settings, target)
+    report["finetune"] = None
+    if finetune:
+        # The usual baseline: the original model trained on the retain data only, no reset,
+        # for the procedure's whole budget.
+        budget = float(settings.max_epochs)
+        baseline = UnlearningSettings(
+            alpha=0.0, max_epochs=settings.max_epochs, min_epochs=budget, k=settings.k
+        )
+        report["finetune"] = run_procedure(False, baseline, None)[1]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         report["gold"] = None
-        if gold:
-            start = time.perf_counter()
+        if gold and gold_run is None:
             run_experiment(retain.data, cls.name, config, staging / "gold", dataset, progress=False)
-            seconds = time.perf_counter() - start
-            gold_run = load_run(staging / "gold", data=retain.data)
-            report["gold"] = measure(gold_run.model, gold_run.inputs, seconds)
+            gold_run = staging / "gold"
+        if gold_run is not None:
+            trained = load_run(gold_run, data=retain.data)
+            seconds = float(sum(trained.metrics.get("epoch_seconds", [])))
+            report["gold"] = measure(trained.model, trained.inputs, seconds)
         fresh_trainer = Trainer(model, inputs, splits, config, progress=False)
         save_checkpoint(
             staging / CHECKPOINT_NAME,
