@@ -6,12 +6,12 @@ python examples/unlearn.py --run runs/synthetic-lightgcn --forget-users users.tx
     --gold --finetune --out runs/synthetic-lightgcn-unlearned
 
 Writes an unlearned run (loadable with cm3_pyg.load_run) and unlearn.json; see
-cm3_pyg.unlearning.command for the request file format.
+cm3_pyg.cli.unlearn for the request file format (the same command as cm3-pyg unlearn).
 """
 
 import sys
 
-from cm3_pyg.unlearning.command import main
+from cm3_pyg.cli.unlearn import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Model comparison (cm3_pyg.experiments.compare, examples/compare_models.py): grids, budget,
+"""Model comparison (cm3_pyg.experiments.compare, cm3-pyg compare): grids, budget,
 selection on validation only, aggregation over seeds, output files, end-to-end runs."""
 
 from __future__ import annotations
@@ -291,11 +291,8 @@ def test_per_model_epochs_replace_the_default_epochs(tiny, tmp_path):
 def test_budget_argument_parsing():
     import argparse
 
-    sys.path.insert(0, str(REPO / "examples"))
-    try:
-        from compare_models import _budget, _describe_budget, _describe_per_model, _epochs, _grid
-    finally:
-        sys.path.remove(str(REPO / "examples"))
+    from cm3_pyg.cli.compare import _budget, _describe_budget, _describe_per_model, _epochs, _grid
+
     assert _budget("2") == (2, {})
     assert _budget("1,bm3=4, CM3=2") == (1, {"bm3": 4, "cm3": 2})
     assert _budget("bm3=4") == (None, {"bm3": 4})
@@ -506,11 +503,8 @@ def test_run_comparison_trains_the_widened_grid_and_checks_the_model_names(tiny,
 
 
 def test_grid_values_argument_parsing():
-    sys.path.insert(0, str(REPO / "examples"))
-    try:
-        from compare_models import _describe_grid_values, parse_grid_values
-    finally:
-        sys.path.remove(str(REPO / "examples"))
+    from cm3_pyg.cli.compare import _describe_grid_values, parse_grid_values
+
     parsed = parse_grid_values(["BM3.n_layers=[2, 3, 4]", "bm3.dropout=0.3", "vbpr.reg_weight=[5]"])
     assert parsed == {"bm3": {"n_layers": [2, 3, 4], "dropout": [0.3]}, "vbpr": {"reg_weight": [5]}}
     assert _describe_grid_values(parsed) == (

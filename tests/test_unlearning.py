@@ -374,7 +374,7 @@ def _tensors(obj):
 def test_unlearn_command_writes_a_loadable_run_without_the_forgotten_data(tmp_path):
     from cm3_pyg import load_run
     from cm3_pyg.cli import main as train_main
-    from cm3_pyg.unlearning.command import main as unlearn_main
+    from cm3_pyg.cli.unlearn import main as unlearn_main
 
     run = tmp_path / "run"
     assert (
@@ -408,11 +408,18 @@ def test_unlearn_command_writes_a_loadable_run_without_the_forgotten_data(tmp_pa
                 assert not keys & set((tensor[0] * 10**6 + tensor[1]).tolist()), name
         optimizer = saved.get("trainer", {}).get("optimizer", {"state": {}})
         assert optimizer["state"] == {}  # a fresh optimiser: no moments survive
+    # the serving artifact keeps its excluded (train) items per user as CSR rows
+    from cm3_pyg.serving import load_artifact
+
+    art = load_artifact(out)
+    for u, i in forget.t().tolist():
+        row = art.exclude_items[int(art.exclude_ptr[u]) : int(art.exclude_ptr[u + 1])]
+        assert i not in row.tolist()
 
 
 def test_unlearn_command_refuses_bad_requests_and_writes_nothing(tmp_path, capsys):
     from cm3_pyg.cli import main as train_main
-    from cm3_pyg.unlearning.command import main as unlearn_main
+    from cm3_pyg.cli.unlearn import main as unlearn_main
 
     run = tmp_path / "run"
     assert (

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch_geometric.data import HeteroData
 
 from cm3_pyg.data.dataset import MMRecDataset
+from cm3_pyg.data.idmaps import attach_id_maps
 from cm3_pyg.data.synthetic import make_synthetic
 from cm3_pyg.errors import CM3Error
 
@@ -30,7 +31,9 @@ def load_dataset(
     ``dataset`` under ``data_root`` (or ``$CM3_DATA_ROOT``) when a dataset is named, else
     the embedded synthetic data (``synthetic_size = (users, items)`` overrides its size).
     ``inter`` picks another ``<inter>.inter`` file of the folder (another split of the
-    same graph, e.g. ``baby_diffmm_split``); the returned name is then that stem.
+    same graph, e.g. ``baby_diffmm_split``); the returned name is then that stem. The
+    folder's id-mapping files, when present, give ``data[node].external_ids``
+    (:mod:`cm3_pyg.data.idmaps`).
     """
     data_root = data_root or (os.environ.get(DATA_ROOT_ENV) if dataset else None)
     if dataset and not data_root:
@@ -49,7 +52,7 @@ def load_dataset(
             cache_dir=cache_dir,
             duplicates=duplicates,
         )
-        return folder[0], inter or dataset
+        return attach_id_maps(folder[0], Path(data_root) / dataset), inter or dataset
     if synthetic_size is None:
         return make_synthetic(), "synthetic"
     users, items = synthetic_size

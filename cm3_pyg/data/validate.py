@@ -55,9 +55,9 @@ def validate_folder(
     return log.problems
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m cm3_pyg.data.validate",
+        prog=prog or "python -m cm3_pyg.data.validate",
         description=(
             "Check an MMRec dataset folder (<name>.inter and <modality>_feat.npy files) and "
             "print every problem, one per line. Exit code 0: no errors; 1: problems found."
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     modalities = None
     if args.modalities is not None:
         modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]

@@ -18,10 +18,12 @@ from typing import Any
 
 from torch_geometric.data import HeteroData
 
+from cm3_pyg.data.idmaps import external_ids
 from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
+from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, save_artifact
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
     check_resumable,
@@ -122,7 +124,8 @@ def run_experiment(
         data: the dataset (layout of ``docs/architecture.md``).
         model_name: a registered model.
         config: the full configuration (:func:`~cm3_pyg.training.load_config`).
-        out_dir: where ``metrics.json``, ``epochs.csv`` and ``checkpoint.pt`` go.
+        out_dir: where ``metrics.json``, ``epochs.csv``, ``checkpoint.pt`` (the last epoch) and
+            ``artifact.pt`` (the best validation epoch, for inference) go.
         dataset_name: recorded in the outputs (and checked on resume).
         progress: per-epoch progress bars.
         resume: continue from ``out_dir/checkpoint.pt``; the checkpoint must come from the
@@ -217,6 +220,28 @@ def run_experiment(
     if out_path is not None:
         keys = [f"{m}@{k}" for m in METRIC_NAMES for k in config["topk"]]
         trainer.on_epoch_end = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
+        artifact_path = out_path / ARTIFACT_NAME
+        if saved is None:
+            # A fresh run: an earlier run's artifact must not stand for this one.
+            artifact_path.unlink(missing_ok=True)
+        user_ids, item_ids = external_ids(data, "user"), external_ids(data, "item")
+
+        def write_artifact(epoch: int, valid: dict[str, float], embeddings: Any) -> None:
+            artifact = Artifact.build(
+                model=model_cls.name,
+                dataset=dataset_name,
+                epoch=epoch,
+                valid=valid,
+                config=config,
+                user_embeddings=embeddings[0],
+                item_embeddings=embeddings[1],
+                train_edges=splits.train,
+                user_ids=user_ids.external,
+                item_ids=item_ids.external,
+            )
+            save_artifact(artifact, artifact_path)
+
+        trainer.on_best = write_artifact
 
     failure: NonFiniteLossError | None = None
     try:

@@ -60,6 +60,10 @@ class EpochRecord:
     train_terms: dict[str, float] = field(default_factory=dict)
 
 
+#: ``on_best(epoch, valid_metrics, (user_emb, item_emb))``
+BestCallback = Callable[[int, dict[str, float], tuple[torch.Tensor, torch.Tensor]], None]
+
+
 @dataclass
 class FitResult:
     """Outcome of :meth:`Trainer.fit`; ``test`` is measured at the best validation epoch."""
@@ -160,6 +164,10 @@ class Trainer:
         fault_injector: for tests only: ``(epoch, batch, loss) -> loss`` is applied to every
             batch's loss (1-based epoch and batch), e.g. to inject a NaN.
 
+    The attribute ``on_best``, when set, is called as ``on_best(epoch, valid, embeddings)``
+    whenever validation improves, before that epoch's checkpoint (so a crash in between
+    redoes the epoch rather than leaving the best epoch's state unwritten).
+
     Raises:
         DataFormatError: an empty validation or test split.
     """
@@ -187,6 +195,9 @@ class Trainer:
         self.inputs = inputs.to(self.device)
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
+        self.on_best: (
+            Callable[[int, dict[str, float], tuple[torch.Tensor, torch.Tensor]], None] | None
+        ) = None
         self.progress = progress
         self.checkpoint = checkpoint
         self.fault_injector = fault_injector
@@ -370,6 +381,8 @@ class Trainer:
             if improved:
                 self.best_valid = valid
                 self.best_test = self.evaluate("test", embeddings)
+                if self.on_best is not None:
+                    self.on_best(epoch, valid, embeddings)
             eval_seconds = time.perf_counter() - start
             record = EpochRecord(
                 epoch, loss, train_seconds, eval_seconds, valid, improved, self.last_train_terms

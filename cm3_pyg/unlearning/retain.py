@@ -6,9 +6,11 @@ the forgotten part removed from every structure a model reads:
 
 * edges: gone from the train split (and the reversed edges);
 * users: all their train, valid and test edges gone (their rows of every user table are
-  reset by the procedure, so nothing they contributed stays in a user row);
+  reset by the procedure, so nothing they contributed stays in a user row) and their
+  external ids blanked;
 * items: all their edges gone, their feature rows zeroed in every modality and marked
-  removed (``data['item'].keep_<m>``), so the kNN graphs are rebuilt without them;
+  removed (``data['item'].keep_<m>``), so the kNN graphs are rebuilt without them, and
+  their external ids blanked;
 * modality: the items' rows of that modality zeroed and marked removed, that modality's
   kNN graph rebuilt without them; their edges stay.
 
@@ -208,6 +210,14 @@ def build_retain_data(data: HeteroData, request: ForgetRequest) -> RetainData:
             raise RequestError(f"the request leaves no {split} interaction")
     out = data.clone()
     _set_splits(out, new)
+    # Forgotten users and items lose their external ids too (nothing names them any more).
+    forgotten = {"user": reset_users, "item": reset_items if request.kind == "items" else empty}
+    for node, ids in forgotten.items():
+        if ids.numel() and "external_ids" in out[node]:
+            names = list(out[node].external_ids)
+            for i in ids.tolist():
+                names[i] = ""
+            out[node].external_ids = names
     for m, items in features_to_drop.items():
         keep = out["item"].get(f"keep_{m}")
         keep = torch.ones(num_items, dtype=torch.bool) if keep is None else keep.clone()

@@ -12,6 +12,9 @@ What the folder holds, and why none of it keeps forgotten data:
   procedure) and a *fresh* optimiser state: the
   original run's Adam moments and the procedure's (which saw the forget set) are not saved;
   its data fingerprint is the retain data's.
+* ``artifact.pt``: the unlearned embeddings for serving, the retain train edges to
+  exclude, forgotten items marked never to recommend, and the external ids with the
+  forgotten users' and items' blanked (``cm3-pyg recommend`` answers them as unknown).
 * ``retain.pt``: the retain splits (the forgotten edges are not in them) and, per modality,
   a mask of the removed rows; no feature values.
 * ``metrics.json`` / ``unlearn.json``: metrics and the request's kind and size, no ids.
@@ -32,10 +35,12 @@ from typing import Any
 import torch
 from torch_geometric.data import HeteroData
 
+from cm3_pyg.data.idmaps import external_ids
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models import Recommender
+from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, save_artifact
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
     data_fingerprint,
@@ -188,6 +193,25 @@ def unlearn_run(
             trainer=fresh_trainer.state_dict(),
         )
         save_retain(staging / RETAIN_NAME, retain.data)
+        removed = torch.zeros(inputs.num_items, dtype=torch.bool)
+        if request.kind == "items":
+            removed[retain.reset_items] = True  # never recommended again
+        with torch.no_grad():
+            user_emb, item_emb = model.embed(inputs)
+        artifact = Artifact.build(
+            model=cls.name,
+            dataset=dataset,
+            epoch=int(saved["trainer"]["epoch"]),
+            valid=fresh_trainer.evaluate("valid"),
+            config=config,
+            user_embeddings=user_emb,
+            item_embeddings=item_emb,
+            train_edges=splits.train,
+            user_ids=external_ids(retain.data, "user").external,
+            item_ids=external_ids(retain.data, "item").external,
+            removed_items=removed,
+        )
+        save_artifact(artifact, staging / ARTIFACT_NAME)
         metrics = {
             "dataset": dataset,
             "model": cls.name,

@@ -1,4 +1,4 @@
-"""Command-line training: ``python -m cm3_pyg.cli`` or ``examples/train_cm3.py``.
+"""``cm3-pyg train`` (also ``python -m cm3_pyg.cli`` and ``examples/train_cm3.py``).
 
 Exit codes: 0 success, 2 bad input (data, config, checkpoint), 3 training stopped on a
 NaN/Inf loss (``metrics.json`` then holds the best epoch before it).
@@ -24,12 +24,14 @@ EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 
 
-def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
+def build_parser(default_model: str = "cm3", prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=(
-            "Train a multimodal recommender and write metrics.json + epochs.csv. With no data "
-            "arguments it trains on the embedded synthetic dataset."
-        )
+            "Train a multimodal recommender and write metrics.json, epochs.csv, checkpoint.pt "
+            "and artifact.pt. With no data arguments it trains on the embedded synthetic "
+            "dataset."
+        ),
     )
     parser.add_argument(
         "--model", default=default_model, choices=available_models(), help="model name"
@@ -81,8 +83,10 @@ def build_parser(default_model: str = "cm3") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, default_model: str = "cm3") -> int:
-    args = build_parser(default_model).parse_args(argv)
+def main(
+    argv: Sequence[str] | None = None, default_model: str = "cm3", prog: str | None = None
+) -> int:
+    args = build_parser(default_model, prog).parse_args(argv)
     retain_freed_memory()  # an application-level allocator choice; see cm3_pyg.training.memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("cm3_pyg")

@@ -1,6 +1,6 @@
-"""``examples/unlearn.py``: forget users, edges, items or one modality of items in a run.
+"""``cm3-pyg unlearn``: forget users, edges, items or one modality of items in a run.
 
-python examples/unlearn.py --run runs/tiktok-lightgcn-seed999 --forget-users users.txt \\
+cm3-pyg unlearn --run runs/tiktok-lightgcn-seed999 --forget-users users.txt \\
     --gold --finetune --out runs/tiktok-lightgcn-seed999-unlearn --data-root ../shared/data
 
 Request files hold one internal id per line (``user<TAB>item`` per line for edges); blank
@@ -57,9 +57,11 @@ def read_ids(path: str, columns: int) -> torch.Tensor:
     return ids.t().contiguous() if columns == 2 else ids.flatten()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--run", required=True, help="folder of the trained run")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -72,14 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune", action="store_true", help="also the retain-only baseline")
     parser.add_argument("--alpha", type=float, default=UnlearningSettings.alpha)
     parser.add_argument("--max-epochs", type=int, default=UnlearningSettings.max_epochs)
+    parser.add_argument(
+        "--checks-per-epoch",
+        type=int,
+        default=UnlearningSettings.checks_per_epoch,
+        help="how often per epoch the stopping rule is checked",
+    )
+    parser.add_argument(
+        "--min-epochs",
+        type=float,
+        default=UnlearningSettings.min_epochs,
+        help="passes before the rule may stop (a modality request runs max(1, this))",
+    )
     parser.add_argument("--out", required=True, help="new folder for the unlearned run")
     parser.add_argument("--data-root", help=f"MMRec datasets folder (default ${DATA_ROOT_ENV})")
     parser.add_argument("--cache-dir", help="processed-data cache for read-only data")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.forget_modality is not None:
@@ -94,7 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             request = ForgetRequest("users", read_ids(args.forget_users, 1))
         else:
             request = ForgetRequest("items", read_ids(args.forget_items, 1))
-        settings = UnlearningSettings(alpha=args.alpha, max_epochs=args.max_epochs)
+        settings = UnlearningSettings(
+            alpha=args.alpha,
+            max_epochs=args.max_epochs,
+            checks_per_epoch=args.checks_per_epoch,
+            min_epochs=args.min_epochs,
+        )
         report = unlearn_run(
             args.run,
             request,
