@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_folder", "atomic_write", "atomic_write_text", "atomic_torch_save"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,3 +69,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)`` atomically: never a truncated ``.pt`` file."""
     # torch.save is looked up at call time so tests can monkeypatch it.
     atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a new folder ``path`` atomically: yields a temporary sibling to fill, which is
+    renamed to ``path`` when the block succeeds and removed when it fails, so ``path`` is
+    complete or absent. ``path`` must not exist or be an empty folder (checked by callers,
+    which name the option that chose it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
+        yield staging
+        if path.exists():
+            path.rmdir()  # an empty folder (a non-empty one makes this fail: nothing lost)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)

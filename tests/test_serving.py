@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -314,3 +315,45 @@ def test_cm3_pyg_lists_its_commands_and_each_has_help(capsys):
             app_main([name, "--help"])
         assert info.value.code == 0
         assert f"cm3-pyg {name}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- analysis, curves
+def test_embedding_geometry_matches_a_brute_force_computation():
+    from cm3_pyg.experiments.analysis import embedding_geometry
+
+    gen = torch.Generator().manual_seed(0)
+    users, items = torch.randn(30, 6, generator=gen), torch.randn(20, 6, generator=gen) * 3
+    pairs = torch.stack(
+        [torch.randint(0, 30, (40,), generator=gen), torch.randint(0, 20, (40,), generator=gen)]
+    )
+    got = embedding_geometry(users, items, pairs)
+    u = users.double() / users.double().norm(dim=1, keepdim=True)
+    i = items.double() / items.double().norm(dim=1, keepdim=True)
+    align = sum(float(((u[a] - i[b]) ** 2).sum()) for a, b in pairs.t().tolist()) / 40
+
+    def unif(x):
+        terms = [
+            float(torch.exp(-2 * ((x[a] - x[b]) ** 2).sum()))
+            for a in range(len(x))
+            for b in range(a + 1, len(x))
+        ]
+        return float(np.log(sum(terms) / len(terms)))
+
+    assert got["align"] == pytest.approx(align, rel=1e-9)
+    assert got["unif_users"] == pytest.approx(unif(u), rel=1e-9)
+    assert got["unif_items"] == pytest.approx(unif(i), rel=1e-9)
+    sampled = embedding_geometry(users, items, pairs, max_rows=10)
+    assert sampled["users"] == 10 and sampled["items"] == 10
+    with pytest.raises(ValueError, match="pairs"):
+        embedding_geometry(users, items, torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_analyze_command_writes_the_table_and_plot(run, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert app_main(["analyze", str(run), "--out", str(out), "--data-root", str(run.parent)]) == 0
+    report = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
+    row = report[str(run)]
+    assert row["model"] == "lightgcn" and row["align"] > 0 and row["unif_items"] < 0
+    has_plot = importlib.util.find_spec("matplotlib") is not None
+    assert (out / "analysis.png").exists() == has_plot
+    assert (run / "curves.png").exists() == has_plot

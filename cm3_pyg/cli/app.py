@@ -22,9 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "recommend": ("cm3_pyg.cli.inference", "recommend_main", "top-k per user, JSON lines"),
     "export": ("cm3_pyg.cli.inference", "export_main", "user/item embeddings as .npy + ids"),
     "serve": ("cm3_pyg.cli.inference", "serve_main", "HTTP server: GET /recommend?user=ID&k=K"),
+    "prepare": ("cm3_pyg.cli.prepare", "main", "your interactions + item texts -> a dataset"),
     "validate": ("cm3_pyg.data.validate", "main", "check a dataset folder, every problem"),
     "compare": ("cm3_pyg.cli.compare", "main", "model grids, validation-selected tables"),
     "unlearn": ("cm3_pyg.cli.unlearn", "main", "forget users, edges, items or a modality"),
+    "analyze": ("cm3_pyg.cli.inference", "analyze_main", "alignment/uniformity of runs, plot"),
 }
 
 EXIT_BAD_INPUT = 2

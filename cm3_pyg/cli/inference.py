@@ -23,11 +23,12 @@ import torch
 
 from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CheckpointError, CM3Error, RequestError
+from cm3_pyg.io import atomic_write_text
 from cm3_pyg.metrics import FullRankingEvaluator
-from cm3_pyg.serving import TopK, export_embeddings, load_artifact, make_server
-from cm3_pyg.training.inputs import get_splits
+from cm3_pyg.serving import Artifact, TopK, export_embeddings, load_artifact, make_server
+from cm3_pyg.training.inputs import Splits, get_splits
 
-__all__ = ["evaluate_main", "export_main", "recommend_main", "serve_main"]
+__all__ = ["analyze_main", "evaluate_main", "export_main", "recommend_main", "serve_main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -42,6 +43,39 @@ def _run(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run_splits(
+    artifact: Artifact, run: str, data_root: str | None, cache_dir: str | None
+) -> Splits:
+    """The splits of the data ``run`` trained on, read again and checked against the
+    artifact's train interactions (retain data for an unlearned run)."""
+    config = artifact.config
+    synthetic = artifact.dataset == "synthetic"
+    data, _ = load_dataset(
+        None if synthetic else data_root,
+        None if synthetic else artifact.dataset,
+        cache_dir=cache_dir,
+        modalities=config.get("modalities"),
+        duplicates=config.get("duplicate_interactions", "warn"),
+    )
+    retain = Path(run) / "retain.pt"
+    if retain.exists():
+        from cm3_pyg.unlearning.retain import apply_retain, load_retain
+
+        data = apply_retain(data, load_retain(retain))
+    splits = get_splits(data)
+    train = splits.train
+    order = torch.argsort(train[0] * artifact.num_items + train[1])
+    same = train.size(1) == artifact.exclude_items.numel() and torch.equal(
+        train[1, order], artifact.exclude_items
+    )
+    if not same:
+        raise CheckpointError(
+            f"{run}: the data read for {artifact.dataset!r} is not the data the run "
+            "trained on (its train interactions differ)"
+        )
+    return splits
 
 
 def _parser(prog: str | None, description: str) -> argparse.ArgumentParser:
@@ -144,29 +178,8 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     def body() -> int:
         artifact = load_artifact(args.run)
         config = artifact.config
-        synthetic = artifact.dataset == "synthetic"
-        data, _ = load_dataset(
-            None if synthetic else args.data_root,
-            None if synthetic else artifact.dataset,
-            cache_dir=args.cache_dir,
-            modalities=config.get("modalities"),
-            duplicates=config.get("duplicate_interactions", "warn"),
-        )
-        retain = Path(args.run) / "retain.pt"
-        if retain.exists():
-            from cm3_pyg.unlearning.retain import apply_retain, load_retain
-
-            data = apply_retain(data, load_retain(retain))
-        splits = get_splits(data)
+        splits = _run_splits(artifact, args.run, args.data_root, args.cache_dir)
         train = splits.train
-        order = torch.argsort(train[0] * artifact.num_items + train[1])
-        if train.size(1) != artifact.exclude_items.numel() or not torch.equal(
-            train[1, order], artifact.exclude_items
-        ):
-            raise CheckpointError(
-                f"{args.run}: the data read for {artifact.dataset!r} is not the data the run "
-                "trained on (its train interactions differ)"
-            )
         try:
             ks = (
                 [int(k) for k in args.topk.split(",") if k.strip()]
@@ -182,6 +195,50 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
         )
         metrics = evaluator.evaluate(artifact.user_embeddings, artifact.item_embeddings)
         print(json.dumps({"split": args.split, "epoch": artifact.epoch, **metrics}))
+        return 0
+
+    return _run(body)
+
+
+def analyze_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Alignment (test pairs) and uniformity (users, items) of runs' embeddings: "
+            "analysis.json, and analysis.png (the alignment-uniformity plane) with matplotlib."
+        ),
+    )
+    parser.add_argument("runs", nargs="+", help="run folders (holding artifact.pt)")
+    parser.add_argument("--out", required=True, help="folder for analysis.json / .png")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--max-rows", type=int, default=10_000, help="uniformity sample size")
+    parser.add_argument(
+        "--data-root", default=None, help=f"folder of MMRec datasets (default ${DATA_ROOT_ENV})"
+    )
+    parser.add_argument("--cache-dir", default=None, help="processed-data cache folder")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from cm3_pyg.experiments.analysis import embedding_geometry, plot_geometry
+
+        if args.max_rows < 2:
+            raise RequestError(f"--max-rows must be >= 2, got {args.max_rows}")
+        report = {}
+        for run in args.runs:
+            artifact = load_artifact(run)
+            splits = _run_splits(artifact, run, args.data_root, args.cache_dir)
+            geometry = embedding_geometry(
+                artifact.user_embeddings,
+                artifact.item_embeddings,
+                getattr(splits, args.split),
+                max_rows=args.max_rows,
+            )
+            report[str(run)] = {"model": artifact.model, "dataset": artifact.dataset, **geometry}
+            print(json.dumps({"run": str(run), **report[str(run)]}))
+        out = Path(args.out)
+        atomic_write_text(out / "analysis.json", json.dumps(report, indent=2) + "\n")
+        if plot_geometry(report, out / "analysis.png") is None:
+            print("matplotlib is not installed: no analysis.png (pip install 'cm3_pyg[plot]')")
         return 0
 
     return _run(body)

@@ -100,7 +100,11 @@ def _modality_features(
 
 
 def per_user_split_labels(
-    rng: np.random.Generator, users: np.ndarray, counts: np.ndarray, ratios: tuple[float, float]
+    rng: np.random.Generator,
+    users: np.ndarray,
+    counts: np.ndarray,
+    ratios: tuple[float, float],
+    order_keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Random per-user train/valid/test labels (0/1/2) for rows grouped by user.
 
@@ -112,6 +116,8 @@ def per_user_split_labels(
             users ascending).
         counts: int64 ``[U]`` rows per user.
         ratios: (valid, test) fractions.
+        order_keys: ``[N]`` keys ordering each user's rows instead of chance (timestamps
+            for a temporal split: oldest train, newest test; ties keep row order).
 
     Returns:
         int64 ``[N]`` labels; every user keeps at least one train row.
@@ -124,7 +130,8 @@ def per_user_split_labels(
     n_test -= cut
     n_valid -= over - cut
     # Random rank of every row within its user: sort by (user, random key).
-    order = np.lexsort((rng.random(users.shape[0]), users))
+    keys = rng.random(users.shape[0]) if order_keys is None else order_keys
+    order = np.lexsort((np.arange(users.shape[0]), keys, users))
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty_like(users)
     rank[order] = np.arange(users.shape[0]) - np.repeat(offsets, counts)

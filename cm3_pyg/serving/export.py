@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cm3_pyg.errors import ConfigError
-from cm3_pyg.io import atomic_write, atomic_write_text
+from cm3_pyg.io import atomic_folder, atomic_write, atomic_write_text
 from cm3_pyg.training.artifact import Artifact
 
 __all__ = ["export_embeddings"]
@@ -32,9 +30,7 @@ def export_embeddings(artifact: Artifact, out_dir: str | os.PathLike[str]) -> di
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         summary: dict[str, Any] = {
             "model": artifact.model,
             "dataset": artifact.dataset,
@@ -51,10 +47,4 @@ def export_embeddings(artifact: Artifact, out_dir: str | os.PathLike[str]) -> di
             atomic_write_text(staging / f"{node}_ids.txt", "".join(f"{ids[i]}\n" for i in keep))
             summary[f"{node}s"] = len(keep)
         atomic_write_text(staging / "export.json", json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary

@@ -31,6 +31,7 @@ from cm3_pyg.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from cm3_pyg.training.curves import plot_curves
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.trainer import (
     EpochRecord,
@@ -282,6 +283,11 @@ def run_experiment(
         }
     if out_path is not None:
         atomic_write_text(out_path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        # curves.png with the optional matplotlib; a plotting failure never fails a run
+        try:
+            plot_curves(result.history, out_path / "curves.png")
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("curves.png not written (%s: %s)", type(exc).__name__, exc)
     if failure is not None:
         raise failure
     return metrics

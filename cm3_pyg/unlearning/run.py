@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from torch_geometric.data import HeteroData
 
 from cm3_pyg.data.idmaps import external_ids
 from cm3_pyg.errors import ConfigError
-from cm3_pyg.io import atomic_write_text
+from cm3_pyg.io import atomic_folder, atomic_write_text
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models import Recommender
 from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, save_artifact
@@ -172,9 +170,7 @@ def unlearn_run(
         )
         report["finetune"] = run_procedure(False, baseline, None)[1]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         report["gold"] = None
         if gold and gold_run is None:
             run_experiment(retain.data, cls.name, config, staging / "gold", dataset, progress=False)
@@ -222,10 +218,4 @@ def unlearn_run(
         }
         atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         atomic_write_text(staging / "unlearn.json", json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
