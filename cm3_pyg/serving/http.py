@@ -46,6 +46,9 @@ class RecommendationServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: RecommendationServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle's algorithm the second waits for the
+    # client's delayed ACK (about 40 ms per keep-alive request).
+    disable_nagle_algorithm = True
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = (json.dumps(body) + "\n").encode("utf-8")

@@ -205,6 +205,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
             )
     if not 0.0 < config["lr_decay"] <= 1.0:
         raise ConfigError(f"config key 'lr_decay' must lie in (0, 1], got {config['lr_decay']!r}")
+    if not 0.0 <= config["cold_items"] < 1.0:
+        raise ConfigError(
+            f"config key 'cold_items' must lie in [0, 1), got {config['cold_items']!r}"
+        )
     for key in ("weight_decay", "flip_weight_decay"):
         if config[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]!r}")

@@ -23,7 +23,7 @@ from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
-from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, save_artifact
+from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, load_artifact, save_artifact
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
     check_resumable,
@@ -31,6 +31,7 @@ from cm3_pyg.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from cm3_pyg.training.coldstart import apply_cold_items, cold_start_report
 from cm3_pyg.training.curves import plot_curves
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.trainer import (
@@ -141,6 +142,7 @@ def run_experiment(
             completed epoch is left intact.
     """
     model_cls = get_model_class(model_name)
+    data = apply_cold_items(data, config, model_cls)
     seed_everything(int(config["seed"]))
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
     if len(inputs.features) < model_cls.min_modalities:
@@ -218,31 +220,37 @@ def run_experiment(
         # A fresh run must never be resumable into a mix with an older run's state.
         logger.warning("%s: removing the checkpoint of an earlier run (fresh start)", ckpt_path)
         ckpt_path.unlink()
+    cold = float(config.get("cold_items", 0.0) or 0.0) > 0.0
+    best: dict[str, Any] = {}
+    artifact_path = out_path / ARTIFACT_NAME if out_path is not None else None
     if out_path is not None:
         keys = [f"{m}@{k}" for m in METRIC_NAMES for k in config["topk"]]
         trainer.on_epoch_end = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
-        artifact_path = out_path / ARTIFACT_NAME
-        if saved is None:
+        if saved is None and artifact_path is not None:
             # A fresh run: an earlier run's artifact must not stand for this one.
             artifact_path.unlink(missing_ok=True)
-        user_ids, item_ids = external_ids(data, "user"), external_ids(data, "item")
+    user_ids, item_ids = external_ids(data, "user"), external_ids(data, "item")
 
-        def write_artifact(epoch: int, valid: dict[str, float], embeddings: Any) -> None:
-            artifact = Artifact.build(
-                model=model_cls.name,
-                dataset=dataset_name,
-                epoch=epoch,
-                valid=valid,
-                config=config,
-                user_embeddings=embeddings[0],
-                item_embeddings=embeddings[1],
-                train_edges=splits.train,
-                user_ids=user_ids.external,
-                item_ids=item_ids.external,
-            )
-            save_artifact(artifact, artifact_path)
+    def on_best(epoch: int, valid: dict[str, float], embeddings: Any) -> None:
+        if cold:
+            best["embeddings"] = (embeddings[0].detach().cpu(), embeddings[1].detach().cpu())
+        if artifact_path is None:
+            return
+        artifact = Artifact.build(
+            model=model_cls.name,
+            dataset=dataset_name,
+            epoch=epoch,
+            valid=valid,
+            config=config,
+            user_embeddings=embeddings[0],
+            item_embeddings=embeddings[1],
+            train_edges=splits.train,
+            user_ids=user_ids.external,
+            item_ids=item_ids.external,
+        )
+        save_artifact(artifact, artifact_path)
 
-        trainer.on_best = write_artifact
+    trainer.on_best = on_best
 
     failure: NonFiniteLossError | None = None
     try:
@@ -272,6 +280,15 @@ def run_experiment(
         "epoch_seconds": result.epoch_seconds,
         "popularity": popularity_baseline(data, config),
     }
+    if cold:
+        embeddings = best.get("embeddings")
+        if embeddings is None and artifact_path is not None and artifact_path.exists():
+            stored = load_artifact(artifact_path)  # resumed after the best epoch
+            embeddings = (stored.user_embeddings, stored.item_embeddings)
+        if embeddings is not None:
+            metrics["cold"] = cold_start_report(
+                data, embeddings[0], embeddings[1], inputs.modalities, config["topk"]
+            )
     if failure is not None:
         metrics["error"] = str(failure)
         # The value as a string: JSON has no NaN/Infinity.

@@ -17,6 +17,7 @@ from cm3_pyg.data.loading import load_dataset
 from cm3_pyg.errors import CheckpointError
 from cm3_pyg.models import GraphInputs, Recommender, get_model_class
 from cm3_pyg.training.checkpoint import CHECKPOINT_NAME, data_fingerprint, load_checkpoint
+from cm3_pyg.training.coldstart import apply_cold_items
 from cm3_pyg.training.inputs import Splits, build_graph_inputs, get_splits
 
 __all__ = ["TrainedRun", "load_run", "source_data"]
@@ -97,6 +98,7 @@ def load_run(
 
         data = apply_retain(data, load_retain(retain_path))
     model_cls = get_model_class(str(saved["model"]))
+    data = apply_cold_items(data, config, model_cls)  # the run's held-out items, if any
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
     splits = get_splits(data)
     if data_fingerprint(inputs, splits) != saved["data_fingerprint"]:

@@ -97,6 +97,11 @@ def unlearn_run(
     saved = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
     config = dict(saved["config"])
     dataset = str(saved["dataset"])
+    if float(config.get("cold_items", 0.0) or 0.0) > 0.0:
+        raise ConfigError(
+            f"{run_dir}: the run held out cold items (cold_items > 0); unlearning such a run "
+            "is not supported"
+        )
     if data is None:
         data = source_data(saved, data_root, cache_dir)
     retain = build_retain_data(data, request)
