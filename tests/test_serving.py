@@ -357,3 +357,25 @@ def test_analyze_command_writes_the_table_and_plot(run, tmp_path, capsys):
     has_plot = importlib.util.find_spec("matplotlib") is not None
     assert (out / "analysis.png").exists() == has_plot
     assert (run / "curves.png").exists() == has_plot
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed"
+)
+def test_tensorboard_scalars_match_epochs_csv(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert (
+        app_main(["train", "--model", "bprmf", "--epochs", "3", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = list(csv.DictReader((out / "epochs.csv").open(encoding="utf-8")))
+    loss = [s.value for s in events.Scalars("train/loss")]
+    recall = [s.value for s in events.Scalars("valid/recall@20")]
+    assert loss == pytest.approx([float(r["train_loss"]) for r in rows], abs=1e-5)
+    assert recall == pytest.approx([float(r["valid_recall@20"]) for r in rows], abs=1e-5)

@@ -67,6 +67,14 @@ def build_parser(default_model: str = "cm3", prog: str | None = None) -> argpars
     parser.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument(
+        "--cold-items",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="hold out this fraction of the items whole to evaluate cold start (= --set "
+        "cold_items=FRACTION; models with item features only)",
+    )
+    parser.add_argument(
         "--out", default=None, help="output folder (default: runs/<dataset>-<model>-seed<seed>)"
     )
     parser.add_argument(
@@ -98,6 +106,8 @@ def main(
             overrides["epochs"] = args.epochs
         if args.seed is not None:
             overrides["seed"] = args.seed
+        if args.cold_items is not None:
+            overrides["cold_items"] = args.cold_items
         config = load_config(model_cls.default_config(), args.config, overrides)
         data, name = load_dataset(
             args.data_root,
@@ -136,6 +146,16 @@ def main(
     log.info("best epoch %d of %d", metrics["best_epoch"], metrics["epochs_run"])
     for key in ("recall@20", "ndcg@20"):
         log.info("test %-9s %s %.4f | popularity %.4f", key, model_cls.name, test[key], pop[key])
+    if "cold" in metrics:
+        cold = metrics["cold"]
+        log.info(
+            "cold items (%d): recall@20 %s %.4f | features-only kNN %.4f | random %.4f",
+            cold["items"],
+            model_cls.name,
+            cold["model"].get("recall@20", float("nan")),
+            cold.get("feature_knn", {}).get("recall@20", float("nan")),
+            cold["random"].get("recall@20", float("nan")),
+        )
     log.info("wrote %s", os.path.join(out, "metrics.json"))
     return 0
 

@@ -1,4 +1,5 @@
-"""``curves.png``: a run's loss and validation metrics per epoch (optional matplotlib)."""
+"""A run's curves: ``curves.png`` (optional matplotlib) and TensorBoard scalars (optional
+``tensorboard``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from cm3_pyg.io import atomic_write
 from cm3_pyg.training.trainer import EpochRecord
 
-__all__ = ["plot_curves"]
+__all__ = ["TensorBoardLog", "plot_curves"]
 
 
 def plot_curves(
@@ -49,3 +50,32 @@ def plot_curves(
     plt.close(fig)
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
     return Path(path)
+
+
+class TensorBoardLog:
+    """Per-epoch TensorBoard scalars (``tensorboard/`` in the run folder): the loss, each
+    loss term and the validation metrics. :meth:`open` gives ``None`` when the optional
+    ``tensorboard`` package is not installed."""
+
+    def __init__(self, writer: object) -> None:
+        self.writer = writer
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str]) -> TensorBoardLog | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's module needs the tensorboard package
+            return None
+        return cls(SummaryWriter(log_dir=str(folder)))
+
+    def __call__(self, record: EpochRecord) -> None:
+        add = self.writer.add_scalar  # type: ignore[attr-defined]
+        add("train/loss", record.train_loss, record.epoch)
+        for name, value in record.train_terms.items():
+            add(f"train/{name}", value, record.epoch)
+        for name, value in record.valid.items():
+            add(f"valid/{name}", value, record.epoch)
+        self.writer.flush()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.writer.close()  # type: ignore[attr-defined]

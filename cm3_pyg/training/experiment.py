@@ -32,7 +32,7 @@ from cm3_pyg.training.checkpoint import (
     save_checkpoint,
 )
 from cm3_pyg.training.coldstart import apply_cold_items, cold_start_report
-from cm3_pyg.training.curves import plot_curves
+from cm3_pyg.training.curves import TensorBoardLog, plot_curves
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.trainer import (
     EpochRecord,
@@ -223,9 +223,18 @@ def run_experiment(
     cold = float(config.get("cold_items", 0.0) or 0.0) > 0.0
     best: dict[str, Any] = {}
     artifact_path = out_path / ARTIFACT_NAME if out_path is not None else None
+    board: TensorBoardLog | None = None
     if out_path is not None:
         keys = [f"{m}@{k}" for m in METRIC_NAMES for k in config["topk"]]
-        trainer.on_epoch_end = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
+        epoch_log = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
+        board = TensorBoardLog.open(out_path / "tensorboard")
+
+        def on_epoch_end(record: EpochRecord) -> None:
+            epoch_log(record)
+            if board is not None:
+                board(record)
+
+        trainer.on_epoch_end = on_epoch_end
         if saved is None and artifact_path is not None:
             # A fresh run: an earlier run's artifact must not stand for this one.
             artifact_path.unlink(missing_ok=True)
@@ -259,6 +268,9 @@ def run_experiment(
         failure = exc
         result = trainer.result(stop_reason="non_finite_loss")
         logger.error("%s; reporting the best epoch before it", exc)
+    finally:
+        if board is not None:
+            board.close()
     metrics: dict[str, Any] = {
         "dataset": dataset_name,
         "model": model_cls.name,
