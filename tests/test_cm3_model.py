@@ -192,6 +192,31 @@ def test_recommend_excludes_and_sorts(tiny_synthetic):
     assert model.recommend(users, k=5, embeddings=(user_emb, item_emb)).shape == (4, 5)
 
 
+def test_recommend_refuses_ids_that_would_wrap_around(tiny_synthetic):
+    config = load_config(CM3.default_config())
+    inputs = build_graph_inputs(tiny_synthetic, config)
+    model = CM3.from_config(config, inputs)
+    model.embed(inputs)
+    train = tiny_synthetic["user", "rates", "item"].edge_index
+    num_users, num_items = inputs.num_users, inputs.num_items
+    cases = [
+        (dict(users=torch.tensor([-1])), ValueError, r"users: user id -1 is out of range"),
+        (dict(users=torch.tensor([num_users])), ValueError, "out of range"),
+        (dict(users=torch.tensor([[0, 1]])), ValueError, "1-D tensor of user ids"),
+        (dict(users=torch.tensor([0.0])), TypeError, "integer user ids"),
+        (dict(exclude=train.t().contiguous()), ValueError, r"\[2, E\] tensor"),
+        (dict(exclude=train[0]), ValueError, r"\[2, E\] tensor"),
+        (dict(exclude=torch.tensor([[0], [-1]])), ValueError, "exclude\\[1\\]: item id -1"),
+        (dict(exclude=torch.tensor([[0], [num_items]])), ValueError, "out of range"),
+        (dict(k=0), ValueError, "k must be an int"),
+        (dict(k=2.0), ValueError, "k must be an int"),
+    ]
+    for change, error, message in cases:
+        args = {"users": torch.tensor([0, 1]), "k": 5, "exclude": train, **change}
+        with pytest.raises(error, match=message):
+            model.recommend(args["users"], k=args["k"], exclude=args["exclude"])
+
+
 def test_reset_parameters_repr_and_registry():
     model = CM3(NU, NI, [4, 3], embedding_dim=8)
     before = model.user_embedding.detach().clone()

@@ -75,10 +75,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=UnlearningSettings.alpha)
     parser.add_argument("--max-epochs", type=int, default=UnlearningSettings.max_epochs)
     parser.add_argument(
-        "--checks-per-epoch",
+        "--check-every",
         type=int,
-        default=UnlearningSettings.checks_per_epoch,
-        help="how often per epoch the stopping rule is checked",
+        default=UnlearningSettings.check_every,
+        help="optimiser steps between checks of the stopping rule (default: every step)",
     )
     parser.add_argument(
         "--min-epochs",
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         settings = UnlearningSettings(
             alpha=args.alpha,
             max_epochs=args.max_epochs,
-            checks_per_epoch=args.checks_per_epoch,
+            check_every=args.check_every,
             min_epochs=args.min_epochs,
         )
         report = unlearn_run(

@@ -15,8 +15,9 @@ drawn with :func:`reset_seed`, never the original run's own initial rows. A user
 without data keeps that row: the reverse term passes no gradient into it, as a retrained
 model never trains it, so only the item side unlearns that user's edges.
 
-Stopping needs no gold model: before the first step and every ``1 / checks_per_epoch`` of
-an epoch the forget set's Recall@k is measured (ranked over the items the user keeps no
+Stopping needs no gold model: before the first step and every ``check_every`` steps (by
+default every step: a few reverse steps already move the forget recall by several percent)
+the forget set's Recall@k is measured (ranked over the items the user keeps no
 train edge with) and the run stops once it is at or below the request's target:
 
 * edges (the users keep data): the recall the original model gives the same users'
@@ -67,7 +68,7 @@ class UnlearningSettings:
         alpha: weight of the reverse term (``1 - alpha`` on the retain loss); ``0`` is the
             retain-only fine-tuning baseline.
         max_epochs: most passes over the retain set.
-        checks_per_epoch: how often per epoch the stopping rule is checked.
+        check_every: optimiser steps between two checks of the stopping rule.
         k: cut-off of the forget-set recall the rule reads.
         min_epochs: passes run before the rule may stop (when the request has no forget
             edges, e.g. a modality request, exactly this many are run).
@@ -75,15 +76,15 @@ class UnlearningSettings:
 
     alpha: float = 0.5
     max_epochs: int = 5
-    checks_per_epoch: int = 4
+    check_every: int = 1
     k: int = 20
     min_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.max_epochs < 1 or self.checks_per_epoch < 1 or self.k < 1:
-            raise ValueError("max_epochs, checks_per_epoch and k must be >= 1")
+        if self.max_epochs < 1 or self.check_every < 1 or self.k < 1:
+            raise ValueError("max_epochs, check_every and k must be >= 1")
         if not 0.0 <= self.min_epochs <= self.max_epochs:
             raise ValueError(f"min_epochs must be in [0, max_epochs], got {self.min_epochs}")
 
@@ -280,7 +281,7 @@ def unlearn(
     frozen[train[0]] = False
     batch_size = int(config["train_batch_size"])
     per_epoch = math.ceil(train.size(1) / batch_size)
-    check_every = max(1, per_epoch // settings.checks_per_epoch)
+    check_every = settings.check_every
     min_steps = math.ceil(settings.min_epochs * per_epoch)
     if target is None:
         min_steps = max(min_steps, per_epoch)
