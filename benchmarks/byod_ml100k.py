@@ -32,7 +32,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default="cm3,lightgcn")
     parser.add_argument("--seeds", default="999,1000,1001")
+    parser.add_argument(
+        "--stopping-step",
+        type=int,
+        default=None,
+        help="early-stopping patience for every model (default: each model's own)",
+    )
     args = parser.parse_args()
+    suffix = "" if args.stopping_step is None else f"-patience{args.stopping_step}"
     out = Path(args.out)
     source = Path(args.data_root) / "ml-100k"
     prepared = out / "data" / NAME
@@ -51,23 +58,28 @@ def main() -> None:
     for model in args.models.split(","):
         cls = get_model_class(model)
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_dir = out / f"{model}-seed{seed}"
+            run_dir = out / f"{model}-seed{seed}{suffix}"
             metrics_path = run_dir / "metrics.json"
             if not metrics_path.exists():
-                config = load_config(cls.default_config(), None, {"seed": seed})
+                overrides: dict[str, int] = {"seed": seed}
+                if args.stopping_step is not None:
+                    overrides["stopping_step"] = args.stopping_step
+                config = load_config(cls.default_config(), None, overrides)
                 run_experiment(data, model, config, run_dir, name, progress=False)
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
             results.setdefault(model, {})[str(seed)] = {
+                "stopping_step": metrics["config"]["stopping_step"],
                 "best_epoch": metrics["best_epoch"],
                 "valid": metrics["valid"],
                 "test": metrics["test"],
                 "seconds_per_epoch": statistics.median(metrics["epoch_seconds"]),
             }
             print(model, seed, metrics["test"]["recall@20"], metrics["test"]["ndcg@20"])
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"results{suffix}.json", json.dumps(results, indent=2) + "\n")
     lines = [
-        "| model | modalities | valid R@20 | test R@20 | test N@20 | s/epoch (median) | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| model | modalities | patience | valid R@20 | test R@20 | test N@20 | best epochs | "
+        "s/epoch (median) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, by_seed in results.items():
         runs = list(by_seed.values())
@@ -79,12 +91,13 @@ def main() -> None:
 
         modalities = "text (MiniLM)" if get_model_class(model).min_modalities else "none"
         seconds = statistics.median(r["seconds_per_epoch"] for r in runs)
+        epochs = ", ".join(str(r["best_epoch"]) for r in runs)
         lines.append(
-            f"| {model} | {modalities} | {stat('valid', 'recall@20')} | "
-            f"{stat('test', 'recall@20')} | {stat('test', 'ndcg@20')} | {seconds:.2f} | "
-            f"{len(runs)} |"
+            f"| {model} | {modalities} | {runs[0]['stopping_step']} | "
+            f"{stat('valid', 'recall@20')} | {stat('test', 'recall@20')} | "
+            f"{stat('test', 'ndcg@20')} | {epochs} | {seconds:.2f} | {len(runs)} |"
         )
-    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"results{suffix}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

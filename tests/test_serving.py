@@ -379,3 +379,32 @@ def test_tensorboard_scalars_match_epochs_csv(tmp_path):
     recall = [s.value for s in events.Scalars("valid/recall@20")]
     assert loss == pytest.approx([float(r["train_loss"]) for r in rows], abs=1e-5)
     assert recall == pytest.approx([float(r["valid_recall@20"]) for r in rows], abs=1e-5)
+
+
+def test_unlearn_requests_name_the_datasets_own_ids(run, tmp_path, capsys):
+    users = tmp_path / "users.txt"
+    users.write_text(f"{_user_name(12)}\n{_user_name(30)}\n", encoding="utf-8")
+    out = tmp_path / "unlearned"
+    args = ["unlearn", "--run", str(run), "--forget-users", str(users), "--out", str(out)]
+    assert app_main([*args, "--data-root", str(run.parent)]) == 0
+    top_k = TopK(out)
+    assert _user_name(12) not in top_k.users and _user_name(30) not in top_k.users
+    assert _user_name(13) in top_k.users
+    edges = tmp_path / "edges.tsv"
+    art = load_artifact(run)
+    u = 3
+    item = int(art.exclude_items[int(art.exclude_ptr[u])])
+    edges.write_text(f"{_user_name(u)}\t{_item_name(item)}\n", encoding="utf-8")
+    out2 = tmp_path / "edge-unlearned"
+    args = ["unlearn", "--run", str(run), "--forget-edges", str(edges), "--out", str(out2)]
+    assert app_main([*args, "--data-root", str(run.parent)]) == 0
+    report = json.loads((out2 / "unlearn.json").read_text(encoding="utf-8"))
+    assert report["request"] == {"kind": "edges", "count": 1}
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{_user_name(1)}\n12\n", encoding="utf-8")  # an internal id is not one
+    out3 = tmp_path / "never"
+    args = ["unlearn", "--run", str(run), "--forget-users", str(bad), "--out", str(out3)]
+    capsys.readouterr()
+    assert app_main([*args, "--data-root", str(run.parent)]) == 2
+    assert "line 2: unknown id '12'" in capsys.readouterr().err
+    assert not out3.exists()

@@ -3,8 +3,10 @@
 cm3-pyg unlearn --run runs/tiktok-lightgcn-seed999 --forget-users users.txt \\
     --gold --finetune --out runs/tiktok-lightgcn-seed999-unlearn --data-root ../shared/data
 
-Request files hold one internal id per line (``user<TAB>item`` per line for edges); blank
-lines and lines starting with ``#`` are skipped. Exit codes: 0 done, 2 bad input.
+Request files hold one id per line (``user<TAB>item`` per line for edges), in the dataset's
+own ids (those ``cm3-pyg recommend`` prints: the id maps of the run's artifact; the 0-based
+ids where the dataset has no id maps, or the run predates artifacts); blank lines and lines
+starting with ``#`` are skipped. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cm3_pyg.data.idmaps import IdMap
 from cm3_pyg.data.loading import DATA_ROOT_ENV
 from cm3_pyg.errors import CM3Error, RequestError
+from cm3_pyg.training.artifact import ARTIFACT_NAME, load_artifact
 from cm3_pyg.unlearning.procedure import UnlearningSettings
 from cm3_pyg.unlearning.retain import ForgetRequest
 from cm3_pyg.unlearning.run import unlearn_run
@@ -26,35 +30,61 @@ from cm3_pyg.unlearning.run import unlearn_run
 EXIT_BAD_INPUT = 2
 
 
-def read_ids(path: str, columns: int) -> torch.Tensor:
+def read_ids(path: str, columns: int, maps: Sequence[IdMap] | None = None) -> torch.Tensor:
     """The ids of a request file: ``[N]`` (one column) or ``[2, N]`` (two, tab-separated).
 
+    With ``maps`` (one :class:`~cm3_pyg.data.idmaps.IdMap` per column: users, items) each
+    field is an external id turned into its internal one; without, a non-negative integer.
+
     Raises:
-        RequestError: an unreadable file, or a line (named) that is not ``columns``
-            non-negative integers.
+        RequestError: an unreadable file, or a line (named) whose fields are not
+            ``columns`` known ids.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError(f"{path}: cannot read the request file ({exc})") from None
+    kinds = ("user", "item") if columns == 2 else ("id",)
+    expected = "user<TAB>item" if columns == 2 else "one id"
     rows: list[list[int]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        fields = line.split("\t") if columns == 2 else [line]
-        try:
-            values = [int(f) for f in fields]
-        except ValueError:
-            values = []
-        if len(values) != columns or any(v < 0 for v in values):
-            expected = "user<TAB>item" if columns == 2 else "one id"
-            raise RequestError(
-                f"{path}, line {number}: expected {expected} (non-negative integers), got {line!r}"
-            )
+        fields = [f.strip() for f in line.split("\t")] if columns == 2 else [line]
+        if len(fields) != columns:
+            raise RequestError(f"{path}, line {number}: expected {expected}, got {line!r}")
+        values = []
+        for field_value, kind, index in zip(fields, kinds, range(columns), strict=True):
+            if maps is not None:
+                if field_value not in maps[index]:
+                    raise RequestError(
+                        f"{path}, line {number}: unknown {kind} {field_value!r} (not an id of "
+                        "the run's data)"
+                    )
+                values.append(maps[index].to_internal(field_value))
+                continue
+            try:
+                value = int(field_value)
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise RequestError(
+                    f"{path}, line {number}: expected {expected} (non-negative integers), "
+                    f"got {line!r}"
+                )
+            values.append(value)
         rows.append(values)
     ids = torch.tensor(rows, dtype=torch.long).reshape(-1, columns)
     return ids.t().contiguous() if columns == 2 else ids.flatten()
+
+
+def _id_maps(run: str) -> tuple[IdMap, IdMap] | None:
+    """The run's (user, item) id maps from its artifact; ``None`` if it has none."""
+    if not (Path(run) / ARTIFACT_NAME).is_file():
+        return None
+    artifact = load_artifact(run)
+    return IdMap(artifact.user_ids), IdMap(artifact.item_ids)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -96,18 +126,21 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        maps = _id_maps(args.run)
+        users, items = (None, None) if maps is None else ([maps[0]], [maps[1]])
         if args.forget_modality is not None:
             if args.items is None:
                 raise RequestError("--forget-modality needs --items FILE")
-            request = ForgetRequest("modality", read_ids(args.items, 1), args.forget_modality)
+            ids = read_ids(args.items, 1, items)
+            request = ForgetRequest("modality", ids, args.forget_modality)
         elif args.items is not None:
             raise RequestError("--items goes with --forget-modality only")
         elif args.forget_edges is not None:
-            request = ForgetRequest("edges", read_ids(args.forget_edges, 2))
+            request = ForgetRequest("edges", read_ids(args.forget_edges, 2, maps))
         elif args.forget_users is not None:
-            request = ForgetRequest("users", read_ids(args.forget_users, 1))
+            request = ForgetRequest("users", read_ids(args.forget_users, 1, users))
         else:
-            request = ForgetRequest("items", read_ids(args.forget_items, 1))
+            request = ForgetRequest("items", read_ids(args.forget_items, 1, items))
         settings = UnlearningSettings(
             alpha=args.alpha,
             max_epochs=args.max_epochs,
