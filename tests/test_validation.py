@@ -494,3 +494,58 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     atomic = tmp_path / "atomic.txt"
     atomic_write_text(atomic, "x")
     assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "-5"], r"config key 'seed' must be an integer in \[0, 2\*\*32\)"),
+        (["--config", "."], "is a folder; expected a YAML config file"),
+        (["--out", "{file}"], "exists and is not a folder"),
+        (["--out", "{file}/below"], "Not a directory"),
+    ],
+)
+def test_cli_bad_paths_and_seeds_are_one_error_line(tmp_path, capsys, extra, message):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    extra = [e.replace("{file}", str(a_file)) for e in extra]
+    argv = ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"), *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err
+
+
+def test_cli_config_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(b"gamma: \xff\xfe\n")
+    assert cli.main(["--epochs", "1", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_cli_summary_follows_the_configured_cut_offs(tmp_path, capsys):
+    argv = ["--model", "bprmf", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    argv += ["--set", "topk=[5,10]", "--set", "valid_metric=recall@10"]
+    assert cli.main(argv) == 0
+
+
+def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "cm3_pyg.cli", "--model", "lightgcn", "--epochs", "500"]
+    args += ["--set", "stopping_step=1000", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    text = err.decode()
+    assert "error: interrupted" in text and "Traceback" not in text
+    saved = load_checkpoint(out / "checkpoint.pt")  # intact, resumable
+    assert saved["trainer"]["epoch"] >= 1

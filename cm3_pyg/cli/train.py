@@ -1,7 +1,8 @@
 """``cm3-pyg train`` (also ``python -m cm3_pyg.cli`` and ``examples/train_cm3.py``).
 
-Exit codes: 0 success, 2 bad input (data, config, checkpoint), 3 training stopped on a
-NaN/Inf loss (``metrics.json`` then holds the best epoch before it).
+Exit codes: 0 success, 2 bad input (data, config, checkpoint, an output path that cannot
+be written), 3 training stopped on a NaN/Inf loss (``metrics.json`` then holds the best
+epoch before it), 130 interrupted (Ctrl-C; the last completed epoch's checkpoint stays).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cm3_pyg.training.memory import retain_freed_memory
 __all__ = ["DATA_ROOT_ENV", "build_parser", "main"]
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
+EXIT_INTERRUPTED = 130
 
 
 def build_parser(default_model: str = "cm3", prog: str | None = None) -> argparse.ArgumentParser:
@@ -124,6 +126,9 @@ def main(
             or args.out
             or os.path.join("runs", f"{name}-{model_cls.name}-seed{config['seed']}")
         )
+        if Path(out).exists() and not Path(out).is_dir():
+            raise CM3Error(f"--out {out}: exists and is not a folder")
+        Path(out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
         metrics = run_experiment(
             data,
             args.model,
@@ -142,10 +147,20 @@ def main(
     except CM3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        where = f"; {out} keeps the checkpoint of the last completed epoch" if out else ""
+        print(f"error: interrupted{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # permissions, a full disk, a file where a folder should be
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     test, pop = metrics["test"], metrics["popularity"]["test"]
     log.info("best epoch %d of %d", metrics["best_epoch"], metrics["epochs_run"])
-    for key in ("recall@20", "ndcg@20"):
-        log.info("test %-9s %s %.4f | popularity %.4f", key, model_cls.name, test[key], pop[key])
+    for key in dict.fromkeys((str(config["valid_metric"]).lower(), "recall@20", "ndcg@20")):
+        if key in test and key in pop:
+            name = model_cls.name
+            log.info("test %-9s %s %.4f | popularity %.4f", key, name, test[key], pop[key])
     if "cold" in metrics:
         cold = metrics["cold"]
         log.info(

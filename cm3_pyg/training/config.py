@@ -34,6 +34,12 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
             loaded = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a YAML config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if loaded is None:
@@ -168,6 +174,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for key in positive_ints:
         if key in config and not (isinstance(config[key], int) and config[key] > 0):
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}")
+    seed = config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"config key 'seed' must be an integer in [0, 2**32), got {seed!r}")
     if config["stopping_step"] < 0:
         raise ConfigError(
             f"config key 'stopping_step' must be >= 0, got {config['stopping_step']!r}"
