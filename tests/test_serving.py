@@ -408,3 +408,17 @@ def test_unlearn_requests_name_the_datasets_own_ids(run, tmp_path, capsys):
     assert app_main([*args, "--data-root", str(run.parent)]) == 2
     assert "line 2: unknown id '12'" in capsys.readouterr().err
     assert not out3.exists()
+
+
+def test_load_run_gives_the_same_model_in_another_process(run):
+    from cm3_pyg import load_run
+
+    here = load_run(run, data_root=str(run.parent)).recommend(torch.tensor([0, 5, 9]), k=7)
+    code = (
+        "import json, sys, torch, cm3_pyg\n"
+        f"r = cm3_pyg.load_run({str(run)!r}, data_root={str(run.parent)!r})\n"
+        "print(json.dumps(r.recommend(torch.tensor([0, 5, 9]), k=7).tolist()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == here.tolist()
