@@ -29,7 +29,7 @@ from cm3_pyg.experiments import (
     write_results,
 )
 from cm3_pyg.models import get_model_class
-from cm3_pyg.training import load_config
+from cm3_pyg.training import load_config, run_experiment
 from tests.conftest import REPO
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -331,6 +331,18 @@ def test_end_to_end_two_cheap_models_reuses_finished_runs(tiny, tmp_path):
     assert [(r.model, r.point, r.seed, r.test) for r in again] == [
         (r.model, r.point, r.seed, r.test) for r in records
     ]
+    # the same name and config on other content (one test edge fewer): every run retrains
+    changed = tiny.clone()
+    store = changed["user", "rates", "item"]
+    store.test_edge_index = store.test_edge_index[:, 1:]
+    retrained = []
+
+    def count(data, name, config, out_dir, **kwargs):
+        retrained.append(name)
+        return run_experiment(data, name, config, out_dir=out_dir, **kwargs)
+
+    run_comparison(changed, ["bprmf", "lightgcn"], [999, 1000], tmp_path, runner=count, **kwargs)
+    assert len(retrained) == len(records)
 
 
 def test_compare_script_on_synthetic_data(tmp_path):

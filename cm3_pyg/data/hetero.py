@@ -14,6 +14,7 @@ See the layout table in ``docs/architecture.md``. In short::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "RATED_BY",
     "SPLIT_ATTRS",
     "build_hetero_data",
+    "content_hash",
     "split_edge_index",
 ]
 
@@ -211,3 +213,19 @@ def split_edge_index(data: HeteroData, split: str) -> Tensor:
             f"data[{RATES!r}] has no {attr!r}; expected a HeteroData from build_hetero_data()"
         )
     return data[RATES][attr]
+
+
+def content_hash(data: HeteroData) -> str:
+    """sha256 of a dataset's content: node counts, modalities, every feature table and the
+    three splits (not file names, sizes or times), so results computed on it can be reused
+    exactly when the content is the same."""
+    h = hashlib.sha256()
+    modalities = list(getattr(data, "modalities", []) or [])
+    h.update(f"{int(data[USER].num_nodes)}|{int(data[ITEM].num_nodes)}|{modalities!r}\n".encode())
+    tensors = [data[ITEM][f"x_{m}"] for m in modalities]
+    tensors += [data[RATES][attr] for attr in SPLIT_ATTRS.values()]
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        h.update(f"{array.dtype}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()

@@ -34,6 +34,7 @@ from typing import Any
 
 from torch_geometric.data import HeteroData
 
+from cm3_pyg.data.hetero import content_hash
 from cm3_pyg.errors import ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.models import get_model_class
@@ -248,8 +249,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _reusable(path: Path, config: Mapping[str, Any], dataset: str) -> dict[str, Any] | None:
-    """The finished run's metrics in ``path`` if it used ``dataset`` and exactly ``config``."""
+def _reusable(
+    path: Path, config: Mapping[str, Any], dataset: str, data_hash: str
+) -> dict[str, Any] | None:
+    """The finished run's metrics in ``path`` if it used ``dataset`` with the same content
+    (:func:`~cm3_pyg.data.hetero.content_hash`) and exactly ``config``."""
     file = path / "metrics.json"
     if not file.exists():
         return None
@@ -259,7 +263,7 @@ def _reusable(path: Path, config: Mapping[str, Any], dataset: str) -> dict[str, 
         return None
     if saved.get("stop_reason") not in ("completed", "early_stopping"):
         return None
-    if saved.get("dataset") != dataset:
+    if saved.get("dataset") != dataset or saved.get("data_hash") != data_hash:
         return None
     return saved if saved.get("config") == _jsonable(dict(config)) else None
 
@@ -324,8 +328,10 @@ def run_comparison(
             results must then say so).
         overrides: further config overrides for every run (grid values take precedence).
         shuffle_seed: seed of the budget's shuffle.
-        reuse: keep a run folder's finished ``metrics.json`` when its dataset name and config
-            are identical (resumes an interrupted comparison); ``False`` retrains everything.
+        reuse: keep a run folder's finished ``metrics.json`` when its dataset name, the
+            data's content hash and the config are identical (resumes an interrupted
+            comparison; a changed split or feature file retrains); ``False`` retrains
+            everything.
         keep_checkpoints: let every run write its ``checkpoint.pt`` (per-epoch model and
             optimizer state; large for big models), off by default.
         progress: per-epoch progress bars.
@@ -390,10 +396,11 @@ def run_comparison(
             for seed in seeds:
                 plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
     root = Path(out_dir) / "runs"
+    data_hash = content_hash(data) if reuse else ""
 
     def train(name: str, point: Params, seed: int, config: dict[str, Any]) -> RunRecord:
         path = root / name / point_slug(point) / f"seed{seed}"
-        saved = _reusable(path, config, dataset_name) if reuse else None
+        saved = _reusable(path, config, dataset_name, data_hash) if reuse else None
         if saved is not None:
             logger.info("%s %s seed %d: reusing %s", name, describe_point(point), seed, path)
             return _record(name, point, seed, saved, path)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch_geometric.data import HeteroData
 
+from cm3_pyg.data.hetero import content_hash
 from cm3_pyg.data.idmaps import external_ids
 from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
@@ -142,6 +143,7 @@ def run_experiment(
             completed epoch is left intact.
     """
     model_cls = get_model_class(model_name)
+    source_hash = content_hash(data)  # what the run read, before any hold-out
     data = apply_cold_items(data, config, model_cls)
     seed_everything(int(config["seed"]))
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
@@ -273,6 +275,7 @@ def run_experiment(
             board.close()
     metrics: dict[str, Any] = {
         "dataset": dataset_name,
+        "data_hash": source_hash,
         "model": model_cls.name,
         "config": config,
         "modalities": inputs.modalities,
