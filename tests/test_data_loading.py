@@ -305,6 +305,19 @@ def test_dataset_uses_cache(small_folder: Path, monkeypatch: pytest.MonkeyPatch)
     assert again.modalities == ["image", "text"]
 
 
+def test_an_edit_keeping_size_and_mtime_still_rebuilds_the_cache(small_folder: Path) -> None:
+    base = MMRecDataset(str(small_folder))[0]
+    feat = small_folder / "text_feat.npy"
+    stat = os.stat(feat)
+    original = np.load(feat)
+    np.save(feat, np.full_like(original, 3.0))  # same shape and dtype: the same size
+    os.utime(feat, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p / rsync -a leave it
+    assert os.stat(feat).st_size == stat.st_size and os.stat(feat).st_mtime_ns == stat.st_mtime_ns
+    again = MMRecDataset(str(small_folder))[0]
+    assert torch.all(again["item"].x_text == 3.0)
+    assert not torch.equal(base["item"].x_text, again["item"].x_text)
+
+
 def test_dataset_cache_invalidation(small_folder: Path) -> None:
     base = MMRecDataset(str(small_folder))
     old_path = base.processed_paths[0]

@@ -57,6 +57,12 @@ def build_parser(default_model: str = "cm3", prog: str | None = None) -> argpars
         default=None,
         help="where processed data is cached if the data folder is read-only",
     )
+    parser.add_argument(
+        "--force-reload",
+        action="store_true",
+        help="rebuild the dataset's processed cache (it is rebuilt anyway when an input "
+        "file's content changes)",
+    )
     parser.add_argument("--config", default=None, help="YAML file of config overrides")
     parser.add_argument(
         "--set",
@@ -118,6 +124,7 @@ def main(
             modalities=config.get("modalities"),
             duplicates=config["duplicate_interactions"],
             inter=args.inter,
+            force_reload=args.force_reload,
         )
         if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise CM3Error(f"--resume {args.resume} writes into its own folder; drop --out")

@@ -1,9 +1,10 @@
 """``MMRecDataset``: an MMRec folder as a PyG ``InMemoryDataset`` with a fingerprinted cache.
 
 The processed file's name carries a sha256 fingerprint of everything that determines its
-content (input files' paths, sizes and mtimes, the modality list, the duplicate policy,
+content (a sha256 of every input file's bytes, the modality list, the duplicate policy,
 :data:`FORMAT_VERSION` and the ``pre_transform``), so a stale cache is never reused and no
-manual ``force_reload`` is needed after editing inputs. Caches are written atomically
+manual ``force_reload`` is needed after editing inputs, even by an edit that keeps a file's
+size and modification time (``cp -p``, ``rsync -a``, tar). Caches are written atomically
 (temporary file + rename), read back with ``torch.load(weights_only=True)`` (never
 unpickling arbitrary objects), and a corrupt one is rebuilt on load.
 """
@@ -172,8 +173,7 @@ class MMRecDataset(InMemoryDataset):
             h = hashlib.sha256()
             h.update(f"format={FORMAT_VERSION}\n".encode())
             for path in self.raw_paths:
-                stat = os.stat(path)
-                h.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                h.update(f"{os.path.basename(path)}|{_file_digest(path)}\n".encode())
             h.update(f"modalities={self.modalities!r}\n".encode())
             h.update(f"duplicates={self.duplicates}\n".encode())
             h.update(f"pre_transform={_stable_repr(self.pre_transform)}\n".encode())
@@ -256,3 +256,12 @@ class MMRecDataset(InMemoryDataset):
             f"items={data['item'].num_nodes}, train_edges={data[RATES].num_edges}, "
             f"modalities={data.modalities})"
         )
+
+
+def _file_digest(path: str | os.PathLike[str], chunk: int = 1 << 23) -> str:
+    """sha256 of a file's bytes, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -25,6 +25,7 @@ def load_dataset(
     duplicates: str = "warn",
     synthetic_size: tuple[int, int] | None = None,
     inter: str | None = None,
+    force_reload: bool = False,
 ) -> tuple[HeteroData, str]:
     """``(data, name)`` for the command-line entry points.
 
@@ -33,7 +34,7 @@ def load_dataset(
     ``inter`` picks another ``<inter>.inter`` file of the folder (another split of the
     same graph, e.g. ``baby_diffmm_split``); the returned name is then that stem. The
     folder's id-mapping files, when present, give ``data[node].external_ids``
-    (:mod:`cm3_pyg.data.idmaps`).
+    (:mod:`cm3_pyg.data.idmaps`). ``force_reload`` rebuilds the processed cache.
     """
     data_root = data_root or (os.environ.get(DATA_ROOT_ENV) if dataset else None)
     if dataset and not data_root:
@@ -51,6 +52,7 @@ def load_dataset(
             modalities=modalities,
             cache_dir=cache_dir,
             duplicates=duplicates,
+            force_reload=force_reload,
         )
         return attach_id_maps(folder[0], Path(data_root) / dataset), inter or dataset
     if synthetic_size is None:
