@@ -9,6 +9,7 @@ the new complete file, never a half-written one, even if the process is killed m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,9 +17,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
-__all__ = ["atomic_folder", "atomic_write", "atomic_write_text", "atomic_torch_save"]
+__all__ = [
+    "atomic_folder",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "content_digest",
+]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,3 +98,38 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of a nested structure of tensors, arrays, containers and plain values: every
+    tensor by dtype, shape and bytes, dict keys in sorted order, each value tagged with its
+    type (so ``1``, ``1.0``, ``"1"`` and ``True`` differ)."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{flat.dtype}{tuple(obj.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"A{obj.dtype}{obj.shape}:".encode())
+        digest.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        for item in obj:
+            _feed(digest, item)
+    elif isinstance(obj, (bytes, bytearray)):
+        digest.update(f"B{len(obj)}:".encode() + bytes(obj))
+    elif obj is None or isinstance(obj, (bool, int, float, str, np.generic)):
+        text = repr(obj.item() if isinstance(obj, np.generic) else obj)
+        digest.update(f"{type(obj).__name__}{len(text)}:{text}".encode())
+    else:
+        raise TypeError(f"content_digest: cannot hash a {type(obj).__name__}")

@@ -549,3 +549,37 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(tmp_path):
     assert "error: interrupted" in text and "Traceback" not in text
     saved = load_checkpoint(out / "checkpoint.pt")  # intact, resumable
     assert saved["trainer"]["epoch"] >= 1
+
+
+def test_a_damaged_or_edited_checkpoint_fails_its_checksum(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        cli.main(["--model", "lightgcn", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    )
+    path = out / "checkpoint.pt"
+    raw = path.read_bytes()
+    original = load_checkpoint(path)
+    refused = 0
+    damaged = tmp_path / "damaged.pt"
+    for position in range(0, len(raw) - 300, len(raw) // 20):
+        damaged.write_bytes(
+            raw[:position]
+            + bytes(b ^ 0x5A for b in raw[position : position + 300])
+            + raw[position + 300 :]
+        )
+        try:
+            loaded = load_checkpoint(damaged)
+        except CheckpointError:
+            refused += 1
+            continue
+        # only bytes the loader never reads were hit: the content is unchanged
+        for key in ("model", "optimizer"):
+            assert repr(loaded["trainer"][key]) == repr(original["trainer"][key])
+    assert refused >= 10
+    payload = torch.load(path, weights_only=True)
+    state = payload["trainer"]["optimizer"]["state"]
+    first = next(iter(state.values()))
+    first["exp_avg"].mul_(1.001)  # a valid file whose optimiser moments changed
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(tmp_path / "edited.pt")

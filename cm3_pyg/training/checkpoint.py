@@ -12,6 +12,9 @@ tensors, numbers, strings, lists and dicts, so it loads with
                             optimizers (by inner problem name), RNG states
                             (python, numpy, torch, CUDA and the trainer's generator),
                             early stopping, best valid/test, history
+    checksum                cm3_pyg.io.content_digest of all the above, verified on load
+                            (a flipped byte in an optimiser moment is an error, not a
+                            silently different resumed run)
 
 Every problem with a checkpoint raises :class:`~cm3_pyg.errors.CheckpointError` naming the
 file and what is wrong.
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from cm3_pyg.errors import CheckpointError
-from cm3_pyg.io import atomic_torch_save
+from cm3_pyg.io import atomic_torch_save, content_digest
 from cm3_pyg.models.base import GraphInputs
 from cm3_pyg.training.inputs import Splits
 
@@ -50,7 +53,9 @@ __all__ = [
 #: File name of the checkpoint inside a run's output folder.
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Bump when the layout changes; older checkpoints are then refused with a clear message.
-CHECKPOINT_VERSION = 2  # 2: inner optimisers (SEA's CLUB) saved by the trainer
+CHECKPOINT_VERSION = 3  # 2: inner optimisers (SEA's CLUB); 3: a content checksum
+#: versions still read (2 has no checksum to verify)
+_READABLE_VERSIONS = (2, 3)
 _FORMAT = "cm3_pyg.checkpoint"
 #: Config keys that may differ between the checkpoint and the resumed run.
 RESUME_MAY_CHANGE: frozenset[str] = frozenset({"epochs"})
@@ -159,6 +164,7 @@ def save_checkpoint(
         "data_fingerprint": data_fingerprint,
         "trainer": dict(trainer),
     }
+    payload["checksum"] = content_digest(payload)
     atomic_torch_save(payload, path)
 
 
@@ -193,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: not a cm3_pyg checkpoint (expected a dict with format={_FORMAT!r}, "
             f"found {type(obj).__name__})"
         )
-    if obj.get("version") != CHECKPOINT_VERSION:
+    if obj.get("version") not in _READABLE_VERSIONS:
         raise CheckpointError(
             f"{path}: checkpoint version {obj.get('version')!r} is not supported; expected "
             f"{CHECKPOINT_VERSION}"
@@ -209,6 +215,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in TRAINER_STATE_KEYS if k not in obj["trainer"]]
     if missing:
         raise CheckpointError(f"{path}: checkpoint's trainer state lacks the key(s) {missing}")
+    if obj["version"] >= 3:
+        stored = obj.pop("checksum", None)
+        try:
+            actual = content_digest(obj)
+        except TypeError as exc:
+            message = f"{path}: checkpoint holds an unexpected object ({exc})"
+            raise CheckpointError(message) from None
+        if stored != actual:
+            raise CheckpointError(
+                f"{path}: checksum mismatch: the checkpoint is corrupt or was edited "
+                "(the previous epoch's checkpoint is gone; start a fresh run)"
+            )
     return obj
 
 
