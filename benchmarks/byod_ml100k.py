@@ -65,7 +65,7 @@ def main() -> None:
                 if args.stopping_step is not None:
                     overrides["stopping_step"] = args.stopping_step
                 config = load_config(cls.default_config(), None, overrides)
-                run_experiment(data, model, config, run_dir, name, progress=False)
+                run_experiment(data, model, config, run_dir, name, progress=False, overwrite=True)
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
             results.setdefault(model, {})[str(seed)] = {
                 "stopping_step": metrics["config"]["stopping_step"],

@@ -50,7 +50,7 @@ def main() -> None:
             if not (run_dir / "metrics.json").exists():
                 overrides = {"seed": seed, "cold_items": args.fraction}
                 config = load_config(cls.default_config(), None, overrides)
-                run_experiment(data, model, config, run_dir, name, progress=False)
+                run_experiment(data, model, config, run_dir, name, progress=False, overwrite=True)
             metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             results.setdefault(model, {})[str(seed)] = {
                 "cold": metrics["cold"],

@@ -75,7 +75,7 @@ def main() -> None:
             config = load_config(cls.default_config(), None, {"seed": seed})
             run_dir = out / f"{model}-seed{seed}"
             if not (run_dir / "metrics.json").exists():
-                run_experiment(data, model, config, run_dir, name, progress=False)
+                run_experiment(data, model, config, run_dir, name, progress=False, overwrite=True)
             drawn = requests(data, seed, args.fraction, args.modality, args.modality_fraction)
             for kind in args.kinds.split(","):
                 request = drawn[kind]
@@ -84,7 +84,9 @@ def main() -> None:
                 gold = out / f"{model}-seed{seed}-gold-{kind}"
                 if not (gold / "metrics.json").exists():
                     retain = build_retain_data(data, request)
-                    run_experiment(retain.data, model, config, gold, name, progress=False)
+                    run_experiment(
+                        retain.data, model, config, gold, name, progress=False, overwrite=True
+                    )
                 target = out / f"{model}-seed{seed}-forget-{kind}"
                 if (target / "unlearn.json").exists():
                     report = json.loads((target / "unlearn.json").read_text(encoding="utf-8"))

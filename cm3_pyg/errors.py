@@ -27,6 +27,10 @@ class RequestError(CM3Error, ValueError):
     """A forget request (unlearning) that names unknown, repeated or all of the data."""
 
 
+class FolderBusyError(CM3Error, RuntimeError):
+    """An output folder is held by another running process (:class:`cm3_pyg.io.FolderLock`)."""
+
+
 class NonFiniteLossError(CM3Error, RuntimeError):
     """A training batch's loss is NaN or infinite; training stops.
 

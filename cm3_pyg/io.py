@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,7 +22,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from cm3_pyg.errors import FolderBusyError
+
 __all__ = [
+    "FolderLock",
     "atomic_folder",
     "atomic_torch_save",
     "atomic_write",
@@ -133,3 +138,60 @@ def _feed(digest: Any, obj: Any) -> None:
         digest.update(f"{type(obj).__name__}{len(text)}:{text}".encode())
     else:
         raise TypeError(f"content_digest: cannot hash a {type(obj).__name__}")
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held by one process at a time (``<folder>/.lock``).
+
+    ``fcntl.flock`` on the lock file: the operating system releases it when the holder
+    exits, even by SIGKILL, so a stale file never blocks a later run. The file records the
+    holder (pid, host, start time) for the message another process gets. Where ``fcntl``
+    does not exist (Windows) the lock is a no-op.
+
+    Raises:
+        FolderBusyError: from :meth:`acquire` when another live process holds the lock.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusyError(
+                f"{self.folder}: in use by {holder}; wait for it or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # The file stays (unlinking it while another process opens it could let two
+        # processes lock two different files); it is emptied, and closing drops the flock.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -128,8 +128,13 @@ def test_cli_nan_exit_code_and_resume_rules(
     assert "error: loss is" in err and "at epoch 1, batch" in err and "Traceback" not in err
     assert _metrics(out)["stop_reason"] == "non_finite_loss"
 
-    assert cli.main([*base, "--epochs", "2", "--out", str(out)]) == 0
+    # a fresh run does not replace the failed one's files unless told to
+    assert cli.main([*base, "--epochs", "2", "--out", str(out)]) == 2
+    assert "holds an earlier run (metrics.json, epochs.csv" in capsys.readouterr().err
+    assert _metrics(out)["stop_reason"] == "non_finite_loss"  # untouched
+    assert cli.main([*base, "--epochs", "2", "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
+    assert _metrics(out)["stop_reason"] != "non_finite_loss" and "error" not in _metrics(out)
     # the configuration must match (except epochs) ...
     code = cli.main([*base, "--epochs", "3", "--resume", str(out), "--set", "n_ui_layers=2"])
     err = capsys.readouterr().err

@@ -583,3 +583,39 @@ def test_a_damaged_or_edited_checkpoint_fails_its_checksum(tmp_path):
     torch.save(payload, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_checkpoint(tmp_path / "edited.pt")
+
+
+def test_an_output_folder_belongs_to_one_run_at_a_time(tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    from cm3_pyg.errors import FolderBusyError
+    from cm3_pyg.io import FolderLock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from cm3_pyg.io import FolderLock; FolderLock({str(out)!r}).acquire(); "
+            "print('held', flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=rf"in use by pid {holder.pid} on "):
+            FolderLock(out).acquire()
+        argv = ["--model", "bprmf", "--epochs", "1", "--no-progress", "--out", str(out)]
+        assert cli.main(argv) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert not (out / "metrics.json").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no clean-up: the kernel drops the lock
+        holder.wait(timeout=30)
+    time.sleep(0.1)
+    assert cli.main(argv) == 0  # a dead holder's lock is not stale
+    with FolderLock(out):  # and the finished run released it
+        pass

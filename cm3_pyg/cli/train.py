@@ -95,6 +95,11 @@ def build_parser(default_model: str = "cm3", prog: str | None = None) -> argpars
             "may change); outputs keep going to DIR"
         ),
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (otherwise a folder holding a run is refused)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     return parser
 
@@ -144,6 +149,7 @@ def main(
             dataset_name=name,
             progress=not args.no_progress,
             resume=args.resume is not None,
+            overwrite=args.overwrite,
         )
     except NonFiniteLossError as exc:
         # Checked before CM3Error (its base class): a failed run, not bad input.

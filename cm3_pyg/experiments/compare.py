@@ -39,6 +39,7 @@ from cm3_pyg.errors import ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.models import get_model_class
 from cm3_pyg.training import load_config, run_experiment
+from cm3_pyg.training.experiment import clear_run_folder
 
 __all__ = [
     "GRID_MODES",
@@ -405,6 +406,7 @@ def run_comparison(
             logger.info("%s %s seed %d: reusing %s", name, describe_point(point), seed, path)
             return _record(name, point, seed, saved, path)
         logger.info("%s %s seed %d: training", name, describe_point(point), seed)
+        clear_run_folder(path)  # an unfinished or stale run of this point: the comparison's own
         try:
             metrics = runner(
                 data,

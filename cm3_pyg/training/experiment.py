@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch_geometric.data import HeteroData
 from cm3_pyg.data.hetero import content_hash
 from cm3_pyg.data.idmaps import external_ids
 from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
-from cm3_pyg.io import atomic_write_text
+from cm3_pyg.io import FolderLock, atomic_write_text
 from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
 from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, load_artifact, save_artifact
@@ -104,6 +105,30 @@ def _remove_stale_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+#: What a run writes into its folder: a fresh run over an earlier one removes all of it
+#: (with ``overwrite``), so the folder never describes two runs.
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    "metrics.json",
+    "epochs.csv",
+    ARTIFACT_NAME,
+    "curves.png",
+    "retain.pt",
+    "unlearn.json",
+    "tensorboard",
+)
+
+
+def clear_run_folder(folder: str | os.PathLike[str]) -> None:
+    """Remove an earlier run's files (:data:`RUN_FILES`) from ``folder``."""
+    for name in RUN_FILES:
+        path = Path(folder) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run_experiment(
     data: HeteroData,
     model_name: str,
@@ -114,6 +139,7 @@ def run_experiment(
     resume: bool = False,
     checkpoint: bool = True,
     fault_injector: FaultInjector | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``model_name`` on ``data`` with ``config``; write ``metrics.json`` and ``epochs.csv``.
 
@@ -135,6 +161,12 @@ def run_experiment(
             same model, dataset, data and configuration (``epochs`` may differ).
         checkpoint: write ``out_dir/checkpoint.pt`` after every epoch (needs ``out_dir``).
         fault_injector: test hook passed to :class:`~cm3_pyg.training.Trainer`.
+        overwrite: let a fresh run replace an earlier run's files in ``out_dir``
+            (otherwise a folder holding a run is refused, naming the files).
+
+    The output folder is locked while the run writes into it
+    (:class:`~cm3_pyg.io.FolderLock`): a second run into it fails at once with a
+    :class:`~cm3_pyg.errors.FolderBusyError` naming the holder.
 
     Raises:
         CheckpointError: ``resume`` without a usable, matching checkpoint.
@@ -142,6 +174,37 @@ def run_experiment(
             so far, ``stop_reason: non_finite_loss``) and the checkpoint of the last
             completed epoch is left intact.
     """
+    args = (data, model_name, config, out_dir, dataset_name, progress, resume, checkpoint)
+    if out_dir is None:
+        return _run_experiment(*args, fault_injector)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    with FolderLock(out):
+        if not resume:
+            earlier = [name for name in RUN_FILES if (out / name).exists()]
+            if earlier and not overwrite:
+                raise ConfigError(
+                    f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to "
+                    f"replace it, --resume {out} to continue it, or choose another --out"
+                )
+            if earlier:
+                clear_run_folder(out)
+        return _run_experiment(*args, fault_injector)
+
+
+def _run_experiment(
+    data: HeteroData,
+    model_name: str,
+    config: dict[str, Any],
+    out_dir: str | os.PathLike[str] | None = None,
+    dataset_name: str = "synthetic",
+    progress: bool = True,
+    resume: bool = False,
+    checkpoint: bool = True,
+    fault_injector: FaultInjector | None = None,
+) -> dict[str, Any]:
+    """:func:`run_experiment` once its folder is locked and checked."""
     model_cls = get_model_class(model_name)
     source_hash = content_hash(data)  # what the run read, before any hold-out
     data = apply_cold_items(data, config, model_cls)
@@ -218,10 +281,6 @@ def run_experiment(
                 f"({type(exc).__name__}: {reason})"
             ) from None
         logger.info("resuming %s after epoch %d", ckpt_path, trainer.epoch)
-    elif checkpoint and ckpt_path is not None and ckpt_path.exists():
-        # A fresh run must never be resumable into a mix with an older run's state.
-        logger.warning("%s: removing the checkpoint of an earlier run (fresh start)", ckpt_path)
-        ckpt_path.unlink()
     cold = float(config.get("cold_items", 0.0) or 0.0) > 0.0
     best: dict[str, Any] = {}
     artifact_path = out_path / ARTIFACT_NAME if out_path is not None else None
