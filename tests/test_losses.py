@@ -354,3 +354,14 @@ def test_info_nce_validation_and_empty_input():
         info_nce_loss(torch.zeros(3, 2), torch.zeros(3, 2), block_rows=0)
     empty = torch.zeros(0, 2, requires_grad=True)
     assert float(info_nce_loss(empty, empty)) == 0.0
+
+
+def test_bpr_and_uniformity_refuse_mismatched_or_invalid_arguments():
+    with pytest.raises(ValueError, match=r"bpr_loss needs pos_scores \[N\]"):
+        bpr_loss(torch.randn(3), torch.randn(4))
+    with pytest.raises(ValueError, match="bpr_loss"):
+        bpr_loss(torch.randn(3), torch.randn(4, 2))
+    assert torch.isfinite(bpr_loss(torch.randn(3), torch.randn(3, 2)))
+    for t in (float("nan"), 0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature t"):
+            uniformity_loss(torch.randn(4, 3), t=t)

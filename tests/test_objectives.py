@@ -337,3 +337,13 @@ def test_nbpo_training_lowers_the_loss_and_is_deterministic(data):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_flip_model_refuses_ids_that_would_wrap_around():
+
+    flip = FlipModel(5, 4, dim=2)
+    with pytest.raises(ValueError, match=r"users id -1 is out of range \[0, 5\)"):
+        flip(torch.tensor([-1, 0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"items id 4 is out of range \[0, 4\)"):
+        flip(torch.tensor([1, 0]), torch.tensor([[0], [4]]))
+    assert flip(torch.tensor([4]), torch.tensor([[3, 0]])).shape == (1, 2)

@@ -91,6 +91,8 @@ def _pairwise_uniformity(
     r"""Shared body of the two uniformity losses: :math:`\log` of the mean of
     :math:`e^{\ell_{ab}}` over ordered pairs of distinct batch positions, plus ``offset``
     (0 when the batch has no pairs)."""
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"the uniformity temperature t must be a finite number > 0, got {t!r}")
     n = x.size(0)
     if counts is None:
         size = float(n)
@@ -200,6 +202,11 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     """
     if neg_scores.dim() == pos_scores.dim() + 1:
         pos_scores = pos_scores.unsqueeze(-1)
+    if pos_scores.shape[0] != neg_scores.shape[0] or pos_scores.dim() != neg_scores.dim():
+        raise ValueError(
+            "bpr_loss needs pos_scores [N] and neg_scores [N] or [N, K], got "
+            f"{list(pos_scores.shape)} and {list(neg_scores.shape)}"
+        )
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 

@@ -135,6 +135,15 @@ class FlipModel(torch.nn.Module):
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """``gamma`` of ``items`` (``[B]`` or ``[B, K]``) for the ``[B]`` ``users``."""
+        for name, ids, table in (
+            ("users", users, self.user_factors),
+            ("items", items, self.item_factors),
+        ):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.size(0)):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                raise ValueError(
+                    f"flip model: {name} id {bad} is out of range [0, {table.size(0)})"
+                )
         p = self.user_factors.index_select(0, users)
         q = self.item_factors.index_select(0, items.reshape(-1)).view(*items.shape, self.dim)
         if items.dim() == 2:
