@@ -519,3 +519,30 @@ def test_load_data_reads_another_split_file_of_the_folder(small_folder):
         load_dataset(str(small_folder.parent), "small", inter="other_split.inter")
     with pytest.raises(CM3Error, match="needs --dataset"):
         load_dataset(None, None, inter="other_split")
+
+
+def test_processed_versions_are_bounded_and_killed_writes_cleaned(small_folder: Path) -> None:
+    import time as clock
+
+    from cm3_pyg.data import dataset as ds
+
+    base = MMRecDataset(str(small_folder))
+    folder = Path(base.processed_dir)
+    name = base.name
+    # earlier versions, a sibling split's cache and temporaries (one stale, one fresh)
+    for i in range(ds.CACHES_KEPT + 3):
+        old = folder / f"{name}_{i:016x}.pt"
+        old.write_bytes(b"x")
+        os.utime(old, (clock.time() - 1000 - i, clock.time() - 1000 - i))
+    sibling = folder / f"{name}_diffmm_split_{0:016x}.pt"
+    sibling.write_bytes(b"x")
+    stale = folder / f".{name}_{1:016x}.pt.abc.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (clock.time() - 2 * ds.STALE_TEMPORARY_SECONDS,) * 2)
+    fresh = folder / f".{name}_{2:016x}.pt.def.tmp"
+    fresh.write_bytes(b"x")
+    rebuilt = MMRecDataset(str(small_folder), force_reload=True)
+    kept = sorted(p.name for p in folder.glob(f"{name}_*.pt") if p != sibling)
+    assert len(kept) == ds.CACHES_KEPT and Path(rebuilt.processed_paths[0]).name in kept
+    assert f"{name}_{0:016x}.pt" in kept  # the most recently used old versions stay
+    assert sibling.exists() and fresh.exists() and not stale.exists()

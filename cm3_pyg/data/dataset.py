@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -198,9 +199,12 @@ class MMRecDataset(InMemoryDataset):
         # Replaces PyG's version: its pre_transform.pt/pre_filter.pt side files and the
         # "pre_transform differs" warning are redundant with the fingerprinted file name.
         if not self.force_reload and os.path.isfile(self.processed_paths[0]):
+            with contextlib.suppress(OSError):  # mark it recently used (see _prune_caches)
+                os.utime(self.processed_paths[0])
             return
         os.makedirs(self.processed_dir, exist_ok=True)
         self.process()
+        _prune_caches(Path(self.processed_dir), self.name, keep=Path(self.processed_paths[0]))
 
     def process(self) -> None:
         target = self.processed_paths[0]  # fixes the fingerprint before any input is read
@@ -265,3 +269,29 @@ def _file_digest(path: str | os.PathLike[str], chunk: int = 1 << 23) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: processed versions kept per dataset name (other modality selections, older inputs)
+CACHES_KEPT = 8
+#: a temporary file older than this (seconds) is a killed write's, not a running one's
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _prune_caches(folder: Path, name: str, keep: Path) -> None:
+    """Bound the processed versions of ``name`` in ``folder`` to the :data:`CACHES_KEPT`
+    most recently used (``keep``, just written, always stays) and delete temporary files
+    that killed writes left behind."""
+    now = time.time()
+    # exactly this name's files: "baby" must not touch "baby_diffmm_split"'s
+    version = re.compile(rf"{re.escape(name)}_[0-9a-f]{{16}}\.pt")
+    with contextlib.suppress(OSError):
+        for tmp in folder.glob(f".{name}_*.pt.*.tmp"):
+            stem = tmp.name[1:].split(".pt.")[0] + ".pt"
+            if version.fullmatch(stem) and now - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                tmp.unlink(missing_ok=True)
+        versions = [
+            p for p in folder.glob(f"{name}_*.pt") if p != keep and version.fullmatch(p.name)
+        ]
+        versions.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in versions[CACHES_KEPT - 1 :]:
+            old.unlink(missing_ok=True)
