@@ -9,6 +9,7 @@ the new complete file, never a half-written one, even if the process is killed m
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -78,10 +79,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+#: below this much free space a failed write is reported as a full disk
+_LOW_SPACE_BYTES = 64 << 20
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` atomically: never a truncated ``.pt`` file."""
-    # torch.save is looked up at call time so tests can monkeypatch it.
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    """``torch.save(obj, path)`` atomically: never a truncated ``.pt`` file.
+
+    Raises:
+        OSError: the write failed; torch's own message for a full disk ("unexpected pos")
+            becomes ``ENOSPC`` naming the file and the free space left.
+    """
+    try:
+        # torch.save is looked up at call time so tests can monkeypatch it.
+        atomic_write(path, lambda fh: torch.save(obj, fh))
+    except RuntimeError as exc:
+        folder = Path(path).parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = -1
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        if 0 <= free < _LOW_SPACE_BYTES:
+            message = f"No space left on device ({free >> 20} MiB free in {folder})"
+            raise OSError(errno.ENOSPC, message, str(path)) from None
+        raise OSError(errno.EIO, f"write failed ({reason})", str(path)) from None
 
 
 @contextlib.contextmanager

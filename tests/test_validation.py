@@ -475,6 +475,35 @@ def test_atomic_torch_save_keeps_the_old_file_on_failure(
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_full_disk_is_one_error_line_and_the_last_checkpoint_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil as shutil_module
+
+    from cm3_pyg import io as cm3_io
+
+    out = tmp_path / "run"
+    argv = ["--model", "bprmf", "--epochs", "3", "--no-progress", "--out", str(out)]
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_full(obj: object, fh: object) -> None:
+        calls["n"] += 1
+        if calls["n"] > 2:  # after two good files, the disk is full: torch's own message
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64")
+        real_save(obj, fh)
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(cm3_io.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "No space left on device (1 MiB free" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["epoch"] >= 1  # intact
+
+
 def test_synthetic_data_passes_every_check(tmp_path: Path) -> None:
     arrays = make_synthetic_arrays(num_users=40, num_items=30, modality_dims={"image": 4})
     write_mmrec_folder(
