@@ -128,7 +128,9 @@ class ModalityKNNGraph(BaseTransform):
             keep = item.get(f"keep_{m}")
             if keep is None:
                 if self.k > num_items:
-                    raise ConfigError(f"k={self.k} exceeds the number of items ({num_items})")
+                    raise ConfigError(
+                        f"k={self.k} (config key 'knn_k') exceeds the number of items ({num_items})"
+                    )
                 _, idx = cosine_topk(x, self.k, block_size=self.block_size)
                 edge_index, edge_weight = knn_normalized_adjacency(idx, num_items)
             else:
