@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (CM3Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished runs are kept and reused next time", file=sys.stderr)
+        return 130
     summaries = summarize(records)
     selected = select_best(summaries)
     meta = {

@@ -94,5 +94,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except CM3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0

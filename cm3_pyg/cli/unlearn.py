@@ -160,6 +160,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (CM3Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     log = logging.getLogger("cm3_pyg")
     for key in ("original", "unlearned", "finetune", "gold"):
         record = report[key]

@@ -62,16 +62,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class UnlearningSettings:
-    """The procedure's knobs (provisional defaults: see ``results/unlearning-tiktok.md``).
+    """The procedure's knobs (defaults measured in ``benchmarks/results/unlearning-tiktok.md``).
 
     Attributes:
-        alpha: weight of the reverse term (``1 - alpha`` on the retain loss); ``0`` is the
-            retain-only fine-tuning baseline.
+        alpha: weight of the reverse term (``1 - alpha`` on the retain loss); ``0``: the
+            retain loss only.
         max_epochs: most passes over the retain set.
         check_every: optimiser steps between two checks of the stopping rule.
         k: cut-off of the forget-set recall the rule reads.
-        min_epochs: passes run before the rule may stop (when the request has no forget
-            edges, e.g. a modality request, exactly this many are run).
+        min_epochs: passes run before the rule may stop (a request without forget edges,
+            i.e. a modality request, runs ``max(1, min_epochs)`` passes of the retain loss).
     """
 
     alpha: float = 0.5
