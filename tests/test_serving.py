@@ -422,3 +422,16 @@ def test_load_run_gives_the_same_model_in_another_process(run):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == here.tolist()
+
+
+def test_inference_commands_turn_os_errors_into_one_line(run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert app_main(["export", str(run), "--out", str(blocker / "below")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "a-file" in err and ("File exists" in err or "Not a directory" in err)
+    analysis = ["analyze", str(run), "--out", str(blocker / "x"), "--data-root", str(run.parent)]
+    assert app_main(analysis) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "a-file" in err

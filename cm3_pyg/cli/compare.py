@@ -249,6 +249,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished runs are kept and reused next time", file=sys.stderr)
         return 130
+    except OSError as exc:  # permissions, a full disk, a file where a folder should be
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     summaries = summarize(records)
     selected = select_best(summaries)
     meta = {

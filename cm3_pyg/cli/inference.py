@@ -43,6 +43,10 @@ def _run(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # permissions, a full disk, a file where a folder should be
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _run_splits(

@@ -97,5 +97,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # permissions, a full disk, a file where a folder should be
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(summary))
     return 0
