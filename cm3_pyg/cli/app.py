@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from cm3_pyg.cli._errors import EXIT_BAD_INPUT
+
 __all__ = ["COMMANDS", "main"]
 
 #: subcommand -> (module, function, one-line help)
@@ -28,8 +30,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unlearn": ("cm3_pyg.cli.unlearn", "main", "forget users, edges, items or a modality"),
     "analyze": ("cm3_pyg.cli.inference", "analyze_main", "alignment/uniformity of runs, plot"),
 }
-
-EXIT_BAD_INPUT = 2
 
 
 def _usage() -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from cm3_pyg.cli._errors import report_error
 from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
@@ -243,16 +244,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             keep_checkpoints=args.keep_checkpoints,
             progress=args.progress,
         )
-    except (CM3Error, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; finished runs are kept and reused next time", file=sys.stderr)
-        return 130
-    except OSError as exc:  # permissions, a full disk, a file where a folder should be
-        target = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+    except (CM3Error, ValueError, OSError, KeyboardInterrupt) as exc:
+        return report_error(exc, "; finished runs are kept and reused next time")
     summaries = summarize(records)
     selected = select_best(summaries)
     meta = {

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from cm3_pyg.cli._errors import report_error
 from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CheckpointError, CM3Error, RequestError
 from cm3_pyg.io import atomic_write_text
@@ -30,23 +30,12 @@ from cm3_pyg.training.inputs import Splits, get_splits
 
 __all__ = ["analyze_main", "evaluate_main", "export_main", "recommend_main", "serve_main"]
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-
 
 def _run(body: Callable[[], int]) -> int:
     try:
         return body()
-    except CM3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:  # permissions, a full disk, a file where a folder should be
-        target = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (CM3Error, OSError, KeyboardInterrupt) as exc:
+        return report_error(exc)
 
 
 def _run_splits(

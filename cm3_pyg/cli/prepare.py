@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
+from cm3_pyg.cli._errors import report_error
 from cm3_pyg.data.prepare import SPLITS, PrepareOptions, prepare_dataset
 from cm3_pyg.errors import CM3Error, ConfigError
 
 __all__ = ["main"]
-
-EXIT_BAD_INPUT = 2
 
 
 def _names(text: str | None) -> list[str]:
@@ -91,15 +89,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         summary = prepare_dataset(
             args.interactions, args.out, options, progress=not args.no_progress
         )
-    except CM3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except OSError as exc:  # permissions, a full disk, a file where a folder should be
-        target = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (CM3Error, OSError, KeyboardInterrupt) as exc:
+        return report_error(exc, "; nothing was written")
     print(json.dumps(summary))
     return 0

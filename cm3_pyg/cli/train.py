@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cm3_pyg.cli._errors import EXIT_NON_FINITE_LOSS, report_error
 from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CM3Error, NonFiniteLossError
 from cm3_pyg.models import available_models, get_model_class
@@ -21,9 +22,6 @@ from cm3_pyg.training import load_config, parse_overrides, run_experiment
 from cm3_pyg.training.memory import retain_freed_memory
 
 __all__ = ["DATA_ROOT_ENV", "build_parser", "main"]
-EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE_LOSS = 3
-EXIT_INTERRUPTED = 130
 
 
 def build_parser(default_model: str = "cm3", prog: str | None = None) -> argparse.ArgumentParser:
@@ -157,17 +155,9 @@ def main(
             f"error: {exc}; metrics.json in {out} holds the best epoch before it", file=sys.stderr
         )
         return EXIT_NON_FINITE_LOSS
-    except CM3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except (CM3Error, OSError, KeyboardInterrupt) as exc:
         where = f"; {out} keeps the checkpoint of the last completed epoch" if out else ""
-        print(f"error: interrupted{where}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:  # permissions, a full disk, a file where a folder should be
-        target = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_error(exc, where)
     test, pop = metrics["test"], metrics["popularity"]["test"]
     log.info("best epoch %d of %d", metrics["best_epoch"], metrics["epochs_run"])
     for key in dict.fromkeys((str(config["valid_metric"]).lower(), "recall@20", "ndcg@20")):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from cm3_pyg.cli._errors import report_error
 from cm3_pyg.data.idmaps import IdMap
 from cm3_pyg.data.loading import DATA_ROOT_ENV
 from cm3_pyg.errors import CM3Error, RequestError
@@ -26,8 +26,6 @@ from cm3_pyg.training.artifact import ARTIFACT_NAME, load_artifact
 from cm3_pyg.unlearning.procedure import UnlearningSettings
 from cm3_pyg.unlearning.retain import ForgetRequest
 from cm3_pyg.unlearning.run import unlearn_run
-
-EXIT_BAD_INPUT = 2
 
 
 def read_ids(path: str, columns: int, maps: Sequence[IdMap] | None = None) -> torch.Tensor:
@@ -157,16 +155,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             data_root=args.data_root,
             cache_dir=args.cache_dir,
         )
-    except (CM3Error, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except OSError as exc:  # permissions, a full disk, a file where a folder should be
-        target = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {target}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (CM3Error, ValueError, OSError, KeyboardInterrupt) as exc:
+        return report_error(exc, "; nothing was written")
     log = logging.getLogger("cm3_pyg")
     for key in ("original", "unlearned", "finetune", "gold"):
         record = report[key]
