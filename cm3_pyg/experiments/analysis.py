@@ -14,7 +14,6 @@ most ``max_rows`` rows each, so large catalogues stay cheap). Lower is better fo
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cm3_pyg.io import atomic_write
 from cm3_pyg.nn.losses import alignment_loss, uniformity_loss
+from cm3_pyg.plotting import pyplot, save_figure
 
 __all__ = ["embedding_geometry", "plot_geometry"]
 
@@ -80,12 +79,8 @@ def plot_geometry(
     """The alignment-uniformity plane: one point per run (x: L_unif of items and, hollow,
     of users; y: L_align), labelled with the model. ``None`` (nothing written) when
     matplotlib, an optional dependency (``pip install 'cm3_pyg[plot]'``), is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.0, 4.0))
     for run, row in report.items():
@@ -101,8 +96,4 @@ def plot_geometry(
     ax.set_xlabel("uniformity (filled: items, hollow: users; lower is more uniform)")
     ax.set_ylabel("alignment of test pairs (lower is better)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
-    return Path(path)
+    return save_figure(fig, path, dpi=120)

@@ -38,6 +38,7 @@ from cm3_pyg.data.hetero import content_hash
 from cm3_pyg.errors import ConfigError, NonFiniteLossError
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.models import get_model_class
+from cm3_pyg.plotting import pyplot, save_figure
 from cm3_pyg.training import load_config, run_experiment
 from cm3_pyg.training.experiment import clear_run_folder
 
@@ -669,12 +670,8 @@ def plot_results(path: str | os.PathLike[str], selected: Mapping[str, PointSumma
     Returns ``False`` (and writes nothing) when matplotlib, an optional dependency
     (``pip install 'cm3_pyg[plot]'``), is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     models = list(selected)
     keys = ("recall@20", "ndcg@20")
@@ -696,6 +693,5 @@ def plot_results(path: str | os.PathLike[str], selected: Mapping[str, PointSumma
     ax.set_title("Selected by validation recall@20")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True

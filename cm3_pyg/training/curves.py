@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm3_pyg.io import atomic_write
+from cm3_pyg.plotting import pyplot, save_figure
 from cm3_pyg.training.trainer import EpochRecord
 
 __all__ = ["TensorBoardLog", "plot_curves"]
@@ -24,12 +23,8 @@ def plot_curves(
     epoch yet."""
     if not history:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     epochs = [r.epoch for r in history]
     fig, (loss_ax, valid_ax) = plt.subplots(1, 2, figsize=(9.0, 3.4))
@@ -45,11 +40,7 @@ def plot_curves(
     valid_ax.set_xlabel("epoch")
     valid_ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 class TensorBoardLog:
