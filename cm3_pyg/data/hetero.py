@@ -14,7 +14,6 @@ See the layout table in ``docs/architecture.md``. In short::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor
 from torch_geometric.data import HeteroData
 
 from cm3_pyg.errors import DataFormatError
+from cm3_pyg.io import content_digest
 
 __all__ = [
     "USER",
@@ -219,13 +219,13 @@ def content_hash(data: HeteroData) -> str:
     """sha256 of a dataset's content: node counts, modalities, every feature table and the
     three splits (not file names, sizes or times), so results computed on it can be reused
     exactly when the content is the same."""
-    h = hashlib.sha256()
     modalities = list(getattr(data, "modalities", []) or [])
-    h.update(f"{int(data[USER].num_nodes)}|{int(data[ITEM].num_nodes)}|{modalities!r}\n".encode())
-    tensors = [data[ITEM][f"x_{m}"] for m in modalities]
-    tensors += [data[RATES][attr] for attr in SPLIT_ATTRS.values()]
-    for tensor in tensors:
-        array = tensor.detach().cpu().contiguous().numpy()
-        h.update(f"{array.dtype}{array.shape}".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
+    return content_digest(
+        {
+            "users": int(data[USER].num_nodes),
+            "items": int(data[ITEM].num_nodes),
+            "modalities": modalities,
+            "features": [data[ITEM][f"x_{m}"] for m in modalities],
+            "splits": [data[RATES][attr] for attr in SPLIT_ATTRS.values()],
+        }
+    )
