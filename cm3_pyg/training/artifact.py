@@ -11,8 +11,6 @@ code, no unpickling (``torch.load(weights_only=True)``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import torch
 from torch import Tensor
 
 from cm3_pyg.errors import CheckpointError
-from cm3_pyg.io import atomic_torch_save
+from cm3_pyg.io import atomic_torch_save, content_digest
 
 __all__ = [
     "ARTIFACT_NAME",
@@ -35,7 +33,7 @@ __all__ = [
 
 #: File name of the artifact inside a run's folder.
 ARTIFACT_NAME = "artifact.pt"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: the checksum is cm3_pyg.io.content_digest
 _FORMAT = "cm3_pyg.artifact"
 
 
@@ -152,21 +150,8 @@ class Artifact:
 
 
 def _checksum(payload: Mapping[str, Any]) -> str:
-    """SHA-256 over every field but the checksum: tensors by dtype, shape and bytes, the
-    rest as canonical JSON."""
-    digest = hashlib.sha256()
-    for key in sorted(payload):
-        if key == "checksum":
-            continue
-        value = payload[key]
-        digest.update(key.encode("utf-8") + b"\0")
-        if isinstance(value, Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.contiguous().numpy().tobytes())
-        else:
-            digest.update(json.dumps(value, sort_keys=True).encode("utf-8"))
-        digest.update(b"\1")
-    return digest.hexdigest()
+    """:func:`cm3_pyg.io.content_digest` of every field but the checksum."""
+    return content_digest({k: v for k, v in payload.items() if k != "checksum"})
 
 
 def save_artifact(artifact: Artifact, path: str | os.PathLike[str]) -> None:
