@@ -121,12 +121,21 @@ def _check_edge_index(
     return index
 
 
-def _check_scores(scores: Tensor) -> None:
+def _check_scores(scores: Tensor, check_nan: bool = True) -> None:
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores)
         raise ValueError(f"scores must be a [B, I] tensor, got {shape}")
     if not scores.dtype.is_floating_point:
         raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
+    if not check_nan:
+        return
+    nan_rows = torch.isnan(scores).any(dim=1)
+    if bool(nan_rows.any()):
+        row = int(nan_rows.nonzero()[0])
+        raise ValueError(
+            f"scores hold NaN (first in row {row}): a NaN cannot be ranked, so the metrics "
+            "would be meaningless"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -430,7 +439,9 @@ class FullRankingEvaluator:
             out.append((users, exc, tgt))
         return out
 
-    def _accumulate(self, score_batch: Callable[[Tensor], Tensor], copy: bool) -> dict[str, float]:
+    def _accumulate(
+        self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
+    ) -> dict[str, float]:
         total: RankingSums | None = None
         for users, exc, tgt in self._batches():
             scores = score_batch(users)
@@ -438,7 +449,7 @@ class FullRankingEvaluator:
             if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
                 got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores)
                 raise ValueError(f"scores of a batch must have shape {expected}, got {got}")
-            _check_scores(scores)
+            _check_scores(scores, check_nan)
             if scores.device != self.device:
                 self.to(scores.device)
                 exc = exc.to(scores.device)
@@ -472,10 +483,20 @@ class FullRankingEvaluator:
             raise ValueError(
                 f"user_emb has {user_emb.size(0)} rows but user id {self._max_user} is evaluated"
             )
+        for name, table in (("user_emb", user_emb), ("item_emb", item_emb)):
+            if not table.dtype.is_floating_point:
+                raise ValueError(f"{name} must be floating point, got dtype {table.dtype}")
+            bad_rows = ~torch.isfinite(table).all(dim=1)
+            if bool(bad_rows.any()):
+                raise ValueError(
+                    f"{name} holds NaN or infinite values (first in row "
+                    f"{int(bad_rows.nonzero()[0])}): the model diverged or was not trained"
+                )
         self.to(item_emb.device)
         item_t = item_emb.t()
-        # the matmul output is fresh, so masking may write into it (copy=False)
-        return self._accumulate(lambda users: user_emb[users] @ item_t, copy=False)
+        # The matmul output is fresh, so masking may write into it (copy=False); finite
+        # embeddings were checked above, so the per-batch NaN scan is skipped.
+        return self._accumulate(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
 
     @torch.no_grad()
     def evaluate_scores(self, score_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:

@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from cm3_pyg.checks import check_ids
 from cm3_pyg.nn.objectives import make_objective, objective_names
 from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
@@ -535,15 +536,15 @@ class Recommender(torch.nn.Module):
         num_users, num_items = user_emb.size(0), item_emb.size(0)
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= num_items:
             raise ValueError(f"k must be an int in [1, {num_items}], got {k!r}")
-        users = _check_ids(users, "users", num_users, "user")
+        users = check_ids(users, "users", num_users, "user")
         if exclude is not None:
             if not isinstance(exclude, Tensor) or exclude.dim() != 2 or exclude.size(0) != 2:
                 shape = tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude)
                 raise ValueError(
                     f"exclude must be a [2, E] tensor of (user id, item id) rows, got {shape}"
                 )
-            _check_ids(exclude[0], "exclude[0]", num_users, "user")
-            _check_ids(exclude[1], "exclude[1]", num_items, "item")
+            check_ids(exclude[0], "exclude[0]", num_users, "user")
+            check_ids(exclude[1], "exclude[1]", num_items, "item")
         users = users.to(user_emb.device)
         scores = user_emb[users] @ item_emb.t()
         if exclude is not None and exclude.numel() > 0:
@@ -641,19 +642,3 @@ def _ranges(counts: Tensor) -> Tensor:
     return torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(
         offsets, counts
     )
-
-
-def _check_ids(ids: Tensor, name: str, bound: int, kind: str) -> Tensor:
-    """``ids`` as int64 after checking it is a 1-D integer tensor of ids in ``[0, bound)``
-    (no silent wrap-around of negative ids)."""
-    if not isinstance(ids, Tensor) or ids.dim() != 1:
-        shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of {kind} ids, got {shape}")
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must hold integer {kind} ids, got {ids.dtype}")
-    if ids.numel():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= bound:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name}: {kind} id {bad} is out of range [0, {bound})")
-    return ids.long()

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 
+from cm3_pyg.checks import check_choice, check_int, check_tensor
 from cm3_pyg.nn.sparse import COMBINE_MODES, Adjacency, as_adjacency, combine_layers, spmm
 
 
@@ -43,12 +44,8 @@ class UserItemPropagation(MessagePassing):
 
     def __init__(self, num_layers: int, combine: str = "sum") -> None:
         super().__init__(aggr="add")
-        if num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if combine not in self.COMBINE_MODES:
-            raise ValueError(f"combine must be one of {self.COMBINE_MODES}, got {combine!r}")
-        self.num_layers = num_layers
-        self.combine = combine
+        self.num_layers = check_int(num_layers, "UserItemPropagation: num_layers", minimum=0)
+        self.combine = check_choice(combine, "UserItemPropagation: combine", self.COMBINE_MODES)
 
     def reset_parameters(self) -> None:
         """No learnable parameters."""
@@ -60,6 +57,7 @@ class UserItemPropagation(MessagePassing):
             # PyG's propagate() does not know this type; all layers run as one fused node.
             adj = as_adjacency(adj_t, "adj_t")
             return adj.propagate(x, self.num_layers, self.combine)
+        _check_edge_input(x, adj_t, edge_weight)
         return combine_layers(
             lambda h: self.propagate(adj_t, x=h, edge_weight=edge_weight),
             x,
@@ -89,6 +87,12 @@ class UserItemPropagation(MessagePassing):
             ``[B, F]`` and ``[I, F]``.
         """
         adj = as_adjacency(adj_t, "adj_t")
+        num_users = check_int(num_users, "forward_rows: num_users", minimum=0)
+        if num_users > adj.shape[0]:
+            raise ValueError(
+                f"forward_rows: num_users ({num_users}) exceeds the adjacency's "
+                f"{adj.shape[0]} nodes"
+            )
         return adj.propagate_rows(x, self.num_layers, self.combine, num_users, users)
 
     def message(self, x_j: Tensor, edge_weight: Tensor | None) -> Tensor:
@@ -106,8 +110,35 @@ def _is_edge_index(adj_t: object) -> bool:
     return isinstance(adj_t, Tensor) and adj_t.layout == torch.strided
 
 
+def _check_edge_input(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> None:
+    """The message-passing form's inputs: ``x`` ``[N, F]``, ``edge_index`` an integer
+    ``[2, E]`` of node ids in ``[0, N)`` (read on the CPU only), ``edge_weight`` ``[E]``."""
+    check_tensor(x, "UserItemPropagation: x", dims=2, floating=True)
+    check_tensor(edge_index, "UserItemPropagation: edge_index", dims=2, integer=True)
+    if edge_index.size(0) != 2:
+        raise ValueError(
+            f"UserItemPropagation: edge_index must have shape [2, E], got {list(edge_index.shape)}"
+        )
+    if edge_index.device.type == "cpu" and edge_index.numel():
+        low, high = int(edge_index.min()), int(edge_index.max())
+        if low < 0 or high >= x.size(0):
+            raise ValueError(
+                f"UserItemPropagation: edge_index holds node id {low if low < 0 else high}, "
+                f"outside [0, {x.size(0)}) (x has {x.size(0)} rows)"
+            )
+    if edge_weight is not None:
+        check_tensor(edge_weight, "UserItemPropagation: edge_weight", dims=1, floating=True)
+        if edge_weight.size(0) != edge_index.size(1):
+            raise ValueError(
+                f"UserItemPropagation: edge_weight must have shape [{edge_index.size(1)}], "
+                f"got {list(edge_weight.shape)}"
+            )
+
+
 def propagate_item_graph(h: Tensor, item_adj: Adjacency, num_layers: int) -> Tensor:
     r"""The item-item graph step of CM3/FREEDOM: :math:`h + S^{n} h` (``num_layers = n``)."""
+    num_layers = check_int(num_layers, "propagate_item_graph: num_layers", minimum=0)
+    check_tensor(h, "propagate_item_graph: h", dims=2, floating=True)
     adj = as_adjacency(item_adj, "item_adj")
     out = h
     for _ in range(num_layers):

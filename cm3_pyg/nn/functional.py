@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, rows, use_kernel
 
@@ -33,6 +34,19 @@ def normalized_concat(groups: Sequence[Sequence[Tensor]]) -> Tensor:
     Returns:
         ``[n_1 + ... + n_R, d_1 + ... + d_G]``.
     """
+    if isinstance(groups, Tensor) or not isinstance(groups, Sequence):
+        raise TypeError(
+            "normalized_concat: groups must be a sequence of sequences of 2-D tensors, "
+            f"got {type(groups).__name__}"
+        )
+    for k, group in enumerate(groups):
+        if isinstance(group, Tensor) or not isinstance(group, Sequence):
+            raise TypeError(
+                f"normalized_concat: groups[{k}] must be a sequence of 2-D tensors, "
+                f"got {type(group).__name__}"
+            )
+        for r, block in enumerate(group):
+            check_tensor(block, f"normalized_concat: groups[{k}][{r}]", dims=2, floating=True)
     if len(groups) == 0 or any(len(group) == 0 for group in groups):
         raise ValueError("normalized_concat needs at least one group, each with a block")
     row_sizes = tuple(int(block.size(0)) for block in groups[0])
@@ -76,6 +90,9 @@ def normalize_rows(x: Tensor) -> Tensor:
     Returns:
         ``[..., d]`` unit rows (zero rows stay zero).
     """
+    check_tensor(x, "normalize_rows: x", floating=True)
+    if x.dim() == 0:
+        raise ValueError("normalize_rows: x must have at least one dimension (the rows' last)")
     if not use_kernel("normalize_rows", x):
         return reference.normalize_rows(x)
     return rows.normalize_rows(x)
@@ -98,6 +115,24 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     Returns:
         ``[N, O]``.
     """
+    check_tensor(x, "feature_linear: x", dims=2, floating=True)
+    check_tensor(weight, "feature_linear: weight", dims=2, floating=True)
+    if weight.size(1) != x.size(1):
+        raise ValueError(
+            f"feature_linear: weight {list(weight.shape)} needs x with {weight.size(1)} "
+            f"columns, got x {list(x.shape)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "feature_linear: bias", dims=1, floating=True)
+        if bias.size(0) != weight.size(0):
+            raise ValueError(
+                f"feature_linear: bias must have shape [{weight.size(0)}], got {list(bias.shape)}"
+            )
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"feature_linear: x, weight and bias must share one dtype, got {x.dtype} and "
+            f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}")
+        )
     if not use_kernel("feature_linear", x):
         return reference.feature_linear(x, weight, bias)
     return rows.feature_linear(x, weight, bias)

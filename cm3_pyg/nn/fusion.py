@@ -12,6 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cm3_pyg.checks import (
+    check_int,
+    check_number,
+    check_probability_tensor,
+    check_tensor,
+)
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.functional import normalize_rows
 from cm3_pyg.nn.kernels import slerp as slerp_kernel
@@ -49,23 +55,45 @@ def slerp(a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
     autograd. The two agree in value and gradient (tested in float64).
 
     Args:
-        a: ``[N, d]`` unit (or zero) rows (``t = 0``).
+        a: ``[N, d]`` unit (or zero) rows (``t = 0``), or one ``[d]`` row.
         b: ``[N, d]`` unit (or zero) rows (``t = 1``).
-        t: scalar or tensor broadcastable to ``[N, 1]``.
+        t: scalar or tensor broadcastable to ``[N, 1]``, in ``[0, 1]`` (a tensor ``t`` is
+            range-checked only on the CPU, where reading it is free).
 
     Returns:
         ``[N, d]`` unit rows (zero where both inputs are zero).
     """
+    check_tensor(a, "slerp: a", dims=(1, 2), floating=True)
+    check_tensor(b, "slerp: b", dims=(1, 2), floating=True)
     if a.shape != b.shape:
         raise ValueError(
             f"slerp needs a and b of the same shape, got {list(a.shape)} and {list(b.shape)}"
         )
-    t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
-    if t.dim() == 1 and a.dim() == 2:
-        t = t.unsqueeze(-1)
+    t = _check_t(t, a, "slerp: t")
     if use_kernel("slerp", a, t=t):
         return slerp_kernel.slerp(a, b, t)
     return reference.slerp(a, b, t)
+
+
+def _check_t(t: Tensor | float, like: Tensor, name: str) -> Tensor:
+    """``t`` as a tensor of ``like``'s dtype and device, shaped to broadcast over its rows:
+    a number in ``[0, 1]``, or a ``[N]``/``[N, 1]`` (or one-row) tensor of such values
+    (``N = 1`` for a single 1-D row)."""
+    if isinstance(t, Tensor):
+        check_tensor(t, name, dims=(0, 1, 2), floating=True)
+        rows = like.size(0) if like.dim() == 2 else 1
+        if t.dim() >= 1 and (t.size(0) not in (1, rows) or (t.dim() == 2 and t.size(1) != 1)):
+            raise ValueError(
+                f"{name} must be a number or a [{rows}] or [{rows}, 1] tensor, "
+                f"got shape {list(t.shape)}"
+            )
+        if t.device.type == "cpu":
+            check_probability_tensor(t, name)
+        t = t.to(dtype=like.dtype, device=like.device)
+    else:
+        check_number(t, name, minimum=0.0, maximum=1.0)
+        t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.unsqueeze(-1) if t.dim() == 1 and like.dim() == 2 else t
 
 
 class SphericalBezierFusion(torch.nn.Module):
@@ -96,12 +124,12 @@ class SphericalBezierFusion(torch.nn.Module):
 
     def __init__(self, num_modalities: int, alpha: float = 0.5) -> None:
         super().__init__()
-        if num_modalities < 1:
-            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.num_modalities = num_modalities
-        self.alpha = float(alpha)
+        self.num_modalities = check_int(
+            num_modalities, "SphericalBezierFusion: num_modalities", minimum=1
+        )
+        self.alpha = check_number(
+            alpha, "SphericalBezierFusion: alpha", minimum=0.0, exclusive_minimum=True
+        )
 
     def reset_parameters(self) -> None:
         """No learnable parameters; present for a uniform module interface."""
@@ -115,11 +143,25 @@ class SphericalBezierFusion(torch.nn.Module):
         return beta.sample((num_rows, 1))
 
     def forward(self, xs: Sequence[Tensor], t: Tensor | None = None) -> Tensor:
+        if isinstance(xs, Tensor) or not isinstance(xs, Sequence):
+            raise TypeError(
+                "SphericalBezierFusion: xs must be a list or tuple of [N, d] tensors, one per "
+                f"modality, got {type(xs).__name__}"
+            )
         if len(xs) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} modality tensors, got {len(xs)}")
+        for m, x in enumerate(xs):
+            check_tensor(x, f"SphericalBezierFusion: xs[{m}]", dims=2, floating=True)
+            if x.shape != xs[0].shape:
+                raise ValueError(
+                    f"SphericalBezierFusion: xs[{m}] has shape {list(x.shape)}, "
+                    f"xs[0] has {list(xs[0].shape)} (every modality needs the same [N, d])"
+                )
         points = [normalize_rows(x) for x in xs]  # exact at any feature scale
         if t is None:
             t = self.sample_t(points[0].size(0), points[0])
+        else:
+            t = _check_t(t, points[0], "SphericalBezierFusion: t")
         while len(points) > 1:
             points = [slerp(p, q, t) for p, q in zip(points[:-1], points[1:], strict=False)]
         return points[0]

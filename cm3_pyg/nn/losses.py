@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm3_pyg.checks import check_int, check_number, check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.functional import normalize_rows
 from cm3_pyg.nn.kernels import gaussian, pairwise, use_kernel
@@ -30,6 +31,9 @@ def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
         y: ``[N, d]`` their positives (e.g. interacted items).
         alpha: exponent (2 in CM3).
     """
+    check_tensor(x, "alignment_loss: x", dims=2, floating=True)
+    check_tensor(y, "alignment_loss: y", dims=2, floating=True)
+    alpha = check_number(alpha, "alignment_loss: alpha", minimum=0, exclusive_minimum=True)
     if x.shape != y.shape:
         raise ValueError(
             "alignment_loss needs x and y of the same shape, "
@@ -43,6 +47,7 @@ def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
 
 def pairwise_sq_distances(x: Tensor) -> Tensor:
     r"""``[N, N]`` squared Euclidean distances from the Gram matrix, clamped at 0."""
+    check_tensor(x, "pairwise_sq_distances: x", dims=2, floating=True)
     sq_norm = x.pow(2).sum(dim=-1)
     return (sq_norm.unsqueeze(0) + sq_norm.unsqueeze(1) - 2.0 * (x @ x.t())).clamp_min(0.0)
 
@@ -54,6 +59,8 @@ def cosine_similarity_matrix(
 
     Exact at any row scale; a zero row has similarity 0 to every row.
     """
+    check_tensor(x, "cosine_similarity_matrix: x", dims=2, floating=True)
+    min_sim, max_sim = check_similarity_bounds(min_sim, max_sim, "cosine_similarity_matrix")
     xn = normalize_rows(x)
     sim = xn @ xn.t()
     if min_sim is not None or max_sim is not None:
@@ -81,6 +88,20 @@ class ClampedCosineSimilarity(NamedTuple):
     max_sim: float | None = None
 
 
+def check_similarity_bounds(
+    min_sim: float | None, max_sim: float | None, where: str
+) -> tuple[float | None, float | None]:
+    """The clamp bounds as floats after checking each is ``None`` or a finite number and
+    ``min_sim <= max_sim``."""
+    if min_sim is not None:
+        min_sim = check_number(min_sim, f"{where}: min_sim")
+    if max_sim is not None:
+        max_sim = check_number(max_sim, f"{where}: max_sim")
+    if min_sim is not None and max_sim is not None and min_sim > max_sim:
+        raise ValueError(f"{where}: min_sim ({min_sim:g}) must be <= max_sim ({max_sim:g})")
+    return min_sim, max_sim
+
+
 def _pairwise_uniformity(
     x: Tensor,
     t: float,
@@ -91,25 +112,36 @@ def _pairwise_uniformity(
     r"""Shared body of the two uniformity losses: :math:`\log` of the mean of
     :math:`e^{\ell_{ab}}` over ordered pairs of distinct batch positions, plus ``offset``
     (0 when the batch has no pairs)."""
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+    where = "uniformity_loss" if sim is None else "calibrated_uniformity_loss"
+    check_tensor(x, f"{where}: x", dims=2, floating=True)
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"the uniformity temperature t must be a number, got {t!r}")
+    if not (math.isfinite(t) and t > 0):
         raise ValueError(f"the uniformity temperature t must be a finite number > 0, got {t!r}")
     n = x.size(0)
     if counts is None:
         size = float(n)
     else:
+        check_tensor(counts, f"{where}: counts")
         if counts.shape != (n,):
             raise ValueError(f"counts must have shape [{n}], got {list(counts.shape)}")
         counts = counts.to(x.dtype)
         if bool((counts < 1).any()):
             raise ValueError("counts must be >= 1 (multiplicity of each row in the batch)")
+        if bool((counts != counts.round()).any()):
+            raise ValueError("counts must be whole numbers (multiplicity of each row in the batch)")
         size = float(counts.sum())
     if isinstance(sim, ClampedCosineSimilarity):
+        check_tensor(sim.features, f"{where}: sim.features", dims=2, floating=True)
+        check_similarity_bounds(sim.min_sim, sim.max_sim, where)
         if sim.features.size(0) != n:
             raise ValueError(
                 f"sim.features must have {n} rows (one per row of x), got {sim.features.size(0)}"
             )
-    elif sim is not None and sim.shape != (n, n):
-        raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
+    elif sim is not None:
+        check_tensor(sim, f"{where}: sim", floating=True)
+        if sim.shape != (n, n):
+            raise ValueError(f"sim must have shape [{n}, {n}], got {list(sim.shape)}")
     if not use_kernel("pairwise_log_sum_exp", x):
         if sim is None:
             return reference.uniformity_loss(x, t, counts)
@@ -200,6 +232,8 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
         pos_scores: ``[N]`` scores of observed (user, item) pairs.
         neg_scores: ``[N]`` (or ``[N, K]`` for K negatives per row) scores of sampled negatives.
     """
+    check_tensor(pos_scores, "bpr_loss: pos_scores", dims=1, floating=True)
+    check_tensor(neg_scores, "bpr_loss: neg_scores", dims=(1, 2), floating=True)
     if neg_scores.dim() == pos_scores.dim() + 1:
         pos_scores = pos_scores.unsqueeze(-1)
     if pos_scores.shape[0] != neg_scores.shape[0] or pos_scores.dim() != neg_scores.dim():
@@ -234,15 +268,17 @@ def info_nce_loss(
     Returns:
         scalar.
     """
-    if anchor.shape != other.shape or anchor.dim() != 2:
+    check_tensor(anchor, "info_nce_loss: anchor", dims=2, floating=True)
+    check_tensor(other, "info_nce_loss: other", dims=2, floating=True)
+    if anchor.shape != other.shape or anchor.dtype != other.dtype:
         raise ValueError(
-            "info_nce_loss needs two [N, k] tensors of the same shape, got "
-            f"{list(anchor.shape)} and {list(other.shape)}"
+            "info_nce_loss needs two [N, k] tensors of the same shape and dtype, got "
+            f"{list(anchor.shape)} of {anchor.dtype} and {list(other.shape)} of {other.dtype}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    temperature = check_number(
+        temperature, "info_nce_loss: temperature", minimum=0, exclusive_minimum=True
+    )
+    block_rows = check_int(block_rows, "info_nce_loss: block_rows", minimum=1)
     if anchor.size(0) == 0:
         return (anchor.sum() + other.sum()) * 0.0
     if not use_kernel("info_nce", anchor):
@@ -261,6 +297,8 @@ def gaussian_nll(mu: Tensor, logvar: Tensor, y: Tensor, row_weight: Tensor) -> T
     (:mod:`cm3_pyg.nn.kernels.gaussian`) makes eight elementwise passes where autograd
     makes about twenty: SEA evaluates it 50 times per batch.
     """
+    for name, value in (("mu", mu), ("logvar", logvar), ("y", y), ("row_weight", row_weight)):
+        check_tensor(value, f"gaussian_nll: {name}", floating=True)
     if not (mu.shape == logvar.shape == y.shape) or mu.dim() != 2:
         raise ValueError(
             f"gaussian_nll: mu, logvar and y must share one [N, d] shape, got "

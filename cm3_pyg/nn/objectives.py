@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
 
+from cm3_pyg.checks import check_choice, check_int, check_number, check_tensor
 from cm3_pyg.nn.losses import bpr_loss
 from cm3_pyg.nn.rows import RowTable
 
@@ -37,13 +38,13 @@ REDUCTIONS = ("mean", "sum")
 
 
 def _check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
+    return check_choice(reduction, "reduction", REDUCTIONS)
 
 
 def _pairs(pos_scores: Tensor, neg_scores: Tensor) -> tuple[Tensor, Tensor]:
     """``(pos [B, K], neg [B, K])``: each positive's score beside each of its negatives."""
+    check_tensor(pos_scores, "objective: pos_scores", floating=True)
+    check_tensor(neg_scores, "objective: neg_scores", floating=True)
     if pos_scores.dim() != 1:
         raise ValueError(f"pos_scores must be 1-D [B], got shape {list(pos_scores.shape)}")
     if neg_scores.dim() == 1:
@@ -120,11 +121,11 @@ class FlipModel(torch.nn.Module):
 
     def __init__(self, num_users: int, num_items: int, dim: int = 50) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        self.dim = dim
-        self.user_factors = Parameter(torch.empty(num_users, dim))
-        self.item_factors = Parameter(torch.empty(num_items, dim))
+        num_users = check_int(num_users, "FlipModel: num_users", minimum=1)
+        num_items = check_int(num_items, "FlipModel: num_items", minimum=1)
+        self.dim = check_int(dim, "FlipModel: dim", minimum=1)
+        self.user_factors = Parameter(torch.empty(num_users, self.dim))
+        self.item_factors = Parameter(torch.empty(num_items, self.dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,6 +140,7 @@ class FlipModel(torch.nn.Module):
             ("users", users, self.user_factors),
             ("items", items, self.item_factors),
         ):
+            check_tensor(ids, f"flip model: {name}", integer=True)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.size(0)):
                 bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                 raise ValueError(
@@ -207,13 +209,11 @@ class NBPOLoss(torch.nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if form not in self.FORMS:
-            raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
-        if flip_weight_decay < 0:
-            raise ValueError(f"flip_weight_decay must be >= 0, got {flip_weight_decay}")
-        self.form = form
+        self.form = check_choice(form, "NBPOLoss: form", self.FORMS)
         self.reduction = _check_reduction(reduction)
-        self.weight_decay = float(flip_weight_decay)
+        self.weight_decay = check_number(
+            flip_weight_decay, "NBPOLoss: flip_weight_decay", minimum=0
+        )
         self.flip = FlipModel(num_users, num_items, flip_dim)
 
     def forward(self, pos_scores: Tensor, neg_scores: Tensor, batch: Any) -> Tensor:

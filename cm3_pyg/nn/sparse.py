@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cm3_pyg.checks import check_int, check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import spmm as csr_kernels
 from cm3_pyg.nn.kernels import use_kernel
@@ -195,6 +196,7 @@ class SparseAdjacency:
 
     def matmul(self, x: Tensor) -> Tensor:
         """``A @ x`` for ``x`` ``[C, F]``."""
+        check_tensor(x, "adjacency matmul: x", dims=2, floating=True)
         if x.size(0) != self.shape[1]:
             raise ValueError(
                 f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
@@ -214,7 +216,7 @@ class SparseAdjacency:
         :func:`cm3_pyg.nn.reference.propagate`, which runs instead inside
         :func:`~cm3_pyg.nn.use_reference_math`.
         """
-        self._check_propagation(x, combine)
+        self._check_propagation(x, num_layers, combine)
         if use_kernel("csr_layer_sum", x, backend=self.backend) and self._csr_pair is not None:
             matrix, matrix_t = self._csr_pair
             return csr_kernels.csr_layer_sum(matrix, matrix_t, x, num_layers, combine)
@@ -222,7 +224,9 @@ class SparseAdjacency:
             return combine_layers(self._product, x, num_layers, combine)
         return reference.propagate(self, x, num_layers, combine)
 
-    def _check_propagation(self, x: Tensor, combine: str) -> None:
+    def _check_propagation(self, x: Tensor, num_layers: int, combine: str) -> None:
+        check_tensor(x, "propagate: x", dims=2, floating=True)
+        check_int(num_layers, "propagate: num_layers", minimum=0)
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"propagate needs a square adjacency, got shape {list(self.shape)}")
         if combine not in COMBINE_MODES:
@@ -297,7 +301,7 @@ class SparseAdjacency:
             out = self.propagate(x, num_layers, combine)
             user_rows, item_rows = out.split([num_users, out.size(0) - num_users])
             return user_rows.index_select(0, users), item_rows
-        self._check_propagation(x, combine)
+        self._check_propagation(x, num_layers, combine)
         user_item, item_user = blocks
         matrix = self._csr_pair[0]  # set for the csr backend
         return csr_kernels.batch_rows_layer_sum(
@@ -457,11 +461,16 @@ def to_adjacency(
             ``"torch_sparse"``.
         width: feature width used when ``"auto"`` measures the kernels.
     """
-    num_cols = num_rows if num_cols is None else num_cols
+    num_rows = check_int(num_rows, "to_adjacency: num_rows", minimum=0)
+    num_cols = (
+        num_rows if num_cols is None else check_int(num_cols, "to_adjacency: num_cols", minimum=0)
+    )
+    check_tensor(edge_index, "to_adjacency: edge_index", integer=True)
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
     if edge_weight is None:
         edge_weight = torch.ones(edge_index.size(1), device=edge_index.device)
+    check_tensor(edge_weight, "to_adjacency: edge_weight", floating=True)
     if edge_weight.shape != (edge_index.size(1),):
         raise ValueError(
             f"edge_weight must have shape [{edge_index.size(1)}], got {list(edge_weight.shape)}"

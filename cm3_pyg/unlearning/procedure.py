@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm3_pyg.checks import check_int, check_number
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models import Batch, GraphInputs, Recommender
 from cm3_pyg.training.inputs import Splits
@@ -81,12 +82,12 @@ class UnlearningSettings:
     min_epochs: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.max_epochs < 1 or self.check_every < 1 or self.k < 1:
-            raise ValueError("max_epochs, check_every and k must be >= 1")
-        if not 0.0 <= self.min_epochs <= self.max_epochs:
-            raise ValueError(f"min_epochs must be in [0, max_epochs], got {self.min_epochs}")
+        check_number(self.alpha, "UnlearningSettings: alpha", minimum=0, maximum=1)
+        for name in ("max_epochs", "check_every", "k"):
+            check_int(getattr(self, name), f"UnlearningSettings: {name}", minimum=1)
+        check_number(
+            self.min_epochs, "UnlearningSettings: min_epochs", minimum=0, maximum=self.max_epochs
+        )
 
 
 @dataclass
