@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Range",
     "check_choice",
     "check_ids",
     "check_int",
@@ -181,3 +183,37 @@ def check_probability_tensor(t: Tensor, name: str) -> None:
     if bool(outside.any()):
         bad = float(t.reshape(-1)[outside.reshape(-1)][0])
         raise ValueError(f"{name} must lie in [0, 1], got {bad:g}")
+
+
+class Range(NamedTuple):
+    """The allowed values of a number: ``[minimum, maximum]``, either end open or absent.
+
+    ``str(Range(0, 1, exclusive_maximum=True))`` is ``"[0, 1)"``.
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    def check(self, value: object, name: str, integer: bool = False) -> float | int:
+        """``value`` after :func:`check_int` (``integer``) or :func:`check_number` against
+        this range."""
+        if integer:
+            value = check_int(value, name)
+        number = check_number(
+            value,
+            name,
+            minimum=self.minimum,
+            maximum=self.maximum,
+            exclusive_minimum=self.exclusive_minimum,
+            exclusive_maximum=self.exclusive_maximum,
+        )
+        return int(value) if integer else number  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        high = "inf" if self.maximum is None else f"{self.maximum:g}"
+        opening = "(" if self.exclusive_minimum or self.minimum is None else "["
+        closing = ")" if self.exclusive_maximum or self.maximum is None else "]"
+        return f"{opening}{low}, {high}{closing}"

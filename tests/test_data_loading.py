@@ -377,6 +377,25 @@ def test_dataset_corrupt_cache_rebuilt(small_folder: Path, damage: str) -> None:
     assert rebuilt[0].modalities == ["image", "text"]
 
 
+def test_dataset_cache_with_edited_content_is_rebuilt(small_folder: Path) -> None:
+    """A cache that still loads but whose numbers changed after the write (a disk fault, a
+    hand edit) fails its checksum and is rebuilt from the inputs."""
+    ds = MMRecDataset(str(small_folder))
+    path = Path(ds.processed_paths[0])
+    stored, slices, cls, checksum = torch.load(path, weights_only=True)
+    expected = ds[0][RATES].edge_index.clone()
+    edited = False
+    for value in stored.values():  # flip one edge of the stored interactions
+        if isinstance(value, dict) and "edge_index" in value:
+            value["edge_index"][1, 0] = (value["edge_index"][1, 0] + 1) % 2
+            edited = True
+    assert edited
+    torch.save((stored, slices, cls, checksum), path)
+    with pytest.warns(UserWarning, match="fails its content checksum.*rebuilding"):
+        rebuilt = MMRecDataset(str(small_folder))
+    assert torch.equal(rebuilt[0][RATES].edge_index, expected)
+
+
 def test_dataset_atomic_save(small_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def half_write(obj: object, fh: object) -> None:
         fh.write(b"partial")  # type: ignore[attr-defined]

@@ -96,7 +96,7 @@ def test_from_config_checks_values_against_the_constructor(data):
     with pytest.raises(ConfigError, match=r"model 'sea': config key 'club_lr' expects float"):
         run_experiment(data, "sea", {**config, "epochs": 1}, progress=False)
     assert load_config(SEA.default_config(), overrides={"club_lr": 0.01})["club_lr"] == 0.01
-    with pytest.raises(ConfigError, match="dropout must lie in"):
+    with pytest.raises(ConfigError, match=r"config key .dropout. must be in \[0, 1\), got 1.5"):
         run_experiment(
             data,
             "freedom",

@@ -120,6 +120,7 @@ def main(
         if args.cold_items is not None:
             overrides["cold_items"] = args.cold_items
         config = load_config(model_cls.default_config(), args.config, overrides)
+        model_cls.check_config(config)  # before the data is read
         data, name = load_dataset(
             args.data_root,
             args.dataset,

@@ -32,13 +32,14 @@ from cm3_pyg.data.mmrec import (
     read_mmrec_folder,
 )
 from cm3_pyg.errors import ConfigError, DataFormatError
-from cm3_pyg.io import atomic_torch_save
+from cm3_pyg.io import atomic_torch_save, content_digest
 
 __all__ = ["FORMAT_VERSION", "MMRecDataset", "default_cache_dir"]
 
 #: Bump when the processed layout changes; part of the fingerprint, so old caches are ignored.
 #: 2: duplicate (user, item) rows across splits are dropped (see ``check_interactions``).
-FORMAT_VERSION = 2
+#: 3: the file carries a content checksum, verified on every load.
+FORMAT_VERSION = 3
 CACHE_ENV = "CM3_CACHE_DIR"
 
 
@@ -219,17 +220,24 @@ class MMRecDataset(InMemoryDataset):
         self._atomic_save(data, target)
 
     def _atomic_save(self, data: HeteroData, path: str) -> None:
-        """Write in PyG's ``InMemoryDataset.save`` format via a temp file + ``os.replace``."""
+        """Write PyG's ``InMemoryDataset.save`` triple plus its content checksum (a 4th
+        element, :func:`cm3_pyg.io.content_digest` of the data and slices) via a temp file
+        + ``os.replace``."""
         collated, slices = self.collate([data])
-        atomic_torch_save((collated.to_dict(), slices, collated.__class__), path)
+        stored = collated.to_dict()
+        checksum = content_digest((stored, slices))
+        atomic_torch_save((stored, slices, collated.__class__, checksum), path)
 
     # ------------------------------------------------------------------ loading
     def _load_checked(self, path: str) -> None:
         # PyG's own loader retries with weights_only=False (full unpickling) when the safe
         # load fails; the cache sits in a user-writable folder, so never do that.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], dict)):
+        if not (isinstance(loaded, tuple) and len(loaded) == 4 and isinstance(loaded[0], dict)):
             raise DataFormatError(f"{path}: processed cache does not hold an MMRec HeteroData")
+        if content_digest((loaded[0], loaded[1])) != loaded[3]:
+            # Bytes changed after the write (disk fault, an edit): never train on them.
+            raise DataFormatError(f"{path}: processed cache fails its content checksum")
         data = HeteroData.from_dict(loaded[0])
         if not isinstance(getattr(data, "modalities", None), list) or RATES not in data.edge_types:
             raise DataFormatError(f"{path}: processed cache does not hold an MMRec HeteroData")

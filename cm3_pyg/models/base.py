@@ -22,6 +22,7 @@ runs their inner steps and checkpoints their optimisers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from cm3_pyg.checks import check_ids
+from cm3_pyg.checks import Range, check_ids
+from cm3_pyg.errors import ConfigError
 from cm3_pyg.nn.objectives import make_objective, objective_names
 from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
@@ -218,6 +220,16 @@ class Recommender(torch.nn.Module):
         "user_embedding": ("user", 0),
         "item_embedding": ("item", 0),
     }
+    #: The allowed values of the numeric hyper-parameters, by constructor argument. A
+    #: subclass lists its own; they are merged with its bases' (the subclass wins), and every
+    #: int or float hyper-parameter must have one (tested for every registered model).
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "embedding_dim": Range(1),
+        "num_layers": Range(0),
+        "num_ui_layers": Range(0),
+        "num_mm_layers": Range(0),
+        "reg_weight": Range(0),
+    }
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -230,6 +242,8 @@ class Recommender(torch.nn.Module):
                     f"taken by {known.__module__}.{known.__qualname__}"
                 )
             _REGISTRY[key] = cls
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,6 +261,66 @@ class Recommender(torch.nn.Module):
         for param in _init_parameters(cls):
             out[CONFIG_KEYS.get(param.name, param.name)] = param.default
         return out
+
+    @classmethod
+    def ranges(cls) -> dict[str, Range]:
+        """:attr:`hyperparameter_ranges` merged over the class hierarchy."""
+        merged: dict[str, Range] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("hyperparameter_ranges", {}))
+        return merged
+
+    @classmethod
+    def check_hyperparameters(cls, values: Mapping[str, Any], as_config: bool = False) -> None:
+        """Check hyper-parameter values (by constructor argument) against :meth:`ranges`,
+        their annotation's int/float type and :meth:`check_relations`.
+
+        Args:
+            values: constructor argument -> value; arguments absent are not checked.
+            as_config: name them by config key (``config key 'n_ui_layers'``) rather than
+                as ``CM3: num_ui_layers``.
+
+        Raises:
+            TypeError: an int hyper-parameter given a non-integer (constructor only; config
+                values are type-checked when read).
+            ValueError: a value out of its range, or a cross-key constraint broken.
+        """
+        ranges = cls.ranges()
+
+        def label(argument: str) -> str:
+            if as_config:
+                return f"config key {CONFIG_KEYS.get(argument, argument)!r}"
+            return f"{cls.__name__}: {argument}"
+
+        for param in _init_parameters(cls):
+            value = values.get(param.name)
+            if param.name not in values or value is None or param.name not in ranges:
+                continue
+            integer = str(param.annotation).split("|")[0].strip() == "int"
+            ranges[param.name].check(value, label(param.name), integer=integer)
+        cls.check_relations(values, label)
+
+    @classmethod
+    def check_relations(cls, values: Mapping[str, Any], label: Any) -> None:
+        """Constraints between hyper-parameters (none by default); ``label(argument)`` names
+        an argument in the message."""
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Check ``config``'s hyper-parameter keys before any data is read.
+
+        Raises:
+            ConfigError: naming the config key and its allowed range.
+        """
+        values = {}
+        try:
+            for param in _init_parameters(cls):
+                key = CONFIG_KEYS.get(param.name, param.name)
+                if key in config:
+                    values[param.name] = _coerce(config[key], param, key)
+            cls.check_hyperparameters(values, as_config=True)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model {cls.name!r}: {exc}") from None
 
     @classmethod
     def _yaml(cls) -> dict[str, Any]:
@@ -572,6 +646,24 @@ def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
 def registered_models() -> dict[str, type[Recommender]]:
     """Every model class defined so far, by (lower-case) name."""
     return dict(_REGISTRY)
+
+
+def _checked_init(init: Any) -> Any:
+    """``init`` preceded by :meth:`Recommender.check_hyperparameters` of the instance's
+    class, done once: by the outermost ``__init__`` (a base class's reached through
+    ``super()`` does not check again)."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked(self: Recommender, *args: Any, **kwargs: Any) -> None:
+        if not self.__dict__.get("_hyperparameters_checked", False):
+            object.__setattr__(self, "_hyperparameters_checked", True)
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            type(self).check_hyperparameters(bound.arguments)
+        init(self, *args, **kwargs)
+
+    return checked
 
 
 def _init_parameters(cls: type[Recommender]) -> list[inspect.Parameter]:

@@ -27,13 +27,14 @@ that an item repeated within a batch draws independent dropout masks here).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Linear, ModuleList, Parameter
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import FeatureOffsets, embedding_norm_penalty, split_users_items
 from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import UserItemPropagation
@@ -83,6 +84,10 @@ class BM3(Recommender):
     """
 
     name = "bm3"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "dropout": Range(0, 1, exclusive_maximum=True),
+        "cl_weight": Range(0),
+    }
     min_modalities = 1
     uses_item_graph = False
     objectives = ()
@@ -101,8 +106,6 @@ class BM3(Recommender):
         finetune_features: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.num_users = num_users
         self.num_items = num_items
         self.feature_dims = self.check_feature_dims(feature_dims)

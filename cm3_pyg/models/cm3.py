@@ -2,13 +2,14 @@ r"""CM3: Calibrating Multimodal Recommendation (Zhou, Wang, Shen, 2025)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import (
@@ -85,11 +86,29 @@ class CM3(Recommender):
     """
 
     name = "cm3"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "alpha": Range(0, exclusive_minimum=True),
+        "gamma": Range(0),
+        "min_sim": Range(-1, 1),
+        "max_sim": Range(-1, 1),
+        "temperature": Range(0, exclusive_minimum=True),
+    }
     min_modalities = 1
     uses_item_graph = True
     id_rows = {"user_embedding": ("user", 1), "user_channel_logits": ("user", 0)}
     objectives = ()
     own_objective = "alignment + calibrated uniformity"
+
+    @classmethod
+    def check_relations(cls, values: Mapping[str, Any], label: Any) -> None:
+        """``min_sim <= max_sim`` (the calibration's clamp)."""
+        defaults = cls.hyperparameters()
+        low = values.get("min_sim", defaults["min_sim"])
+        high = values.get("max_sim", defaults["max_sim"])
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"{label('min_sim')} ({low}) must not exceed {label('max_sim')} ({high})"
+            )
 
     def __init__(
         self,
@@ -106,8 +125,6 @@ class CM3(Recommender):
         temperature: float = 2.0,
     ) -> None:
         super().__init__()
-        if not min_sim <= max_sim:
-            raise ValueError(f"min_sim ({min_sim}) must not exceed max_sim ({max_sim})")
         self.num_users = num_users
         self.num_items = num_items
         self.feature_dims = self.check_feature_dims(feature_dims)

@@ -17,10 +17,13 @@ as the paper's code ranks.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import UserItemPropagation, alignment_loss, normalize_rows, uniformity_loss
@@ -39,6 +42,10 @@ class DirectAU(Recommender):
     """
 
     name = "directau"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "gamma": Range(0),
+        "temperature": Range(0, exclusive_minimum=True),
+    }
     objectives = ()
     own_objective = "alignment + uniformity of the batch's users and items"
 
@@ -52,8 +59,6 @@ class DirectAU(Recommender):
         temperature: float = 2.0,
     ) -> None:
         super().__init__()
-        if num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.num_users = num_users
         self.num_items = num_items
         self.embedding_dim = embedding_dim

@@ -33,11 +33,13 @@ pruned graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn import Linear, ModuleList, Parameter
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import (
     FeatureOffsets,
     split_users_items,
@@ -79,6 +81,9 @@ class FREEDOM(Recommender):
     """
 
     name = "freedom"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "dropout": Range(0, 1, exclusive_maximum=True)
+    }
     min_modalities = 1
     uses_item_graph = True
 
@@ -95,10 +100,6 @@ class FREEDOM(Recommender):
         finetune_features: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        if num_mm_layers < 0:
-            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
         self.feature_dims = self.check_feature_dims(feature_dims)

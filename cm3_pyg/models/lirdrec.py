@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, normalize_rows, propagate_item_graph
@@ -216,6 +218,10 @@ class LIRDRec(Recommender):
     """
 
     name = "lirdrec"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "decay_base": Range(0, 1, exclusive_minimum=True),
+        "decay_weight": Range(0, 1),
+    }
     min_modalities = 1
     uses_item_graph = True
     id_rows = {"user_embedding": ("user", 1)}
@@ -233,8 +239,6 @@ class LIRDRec(Recommender):
         decay_weight: float = 0.95,
     ) -> None:
         super().__init__()
-        if num_mm_layers < 0:
-            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
         self.feature_dims = self.check_feature_dims(feature_dims)

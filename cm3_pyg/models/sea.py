@@ -59,7 +59,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,7 @@ from torch.nn import (
     Tanh,
 )
 
+from cm3_pyg.checks import Range
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import (
     Batch,
@@ -199,6 +200,17 @@ class SEA(Recommender):
     """
 
     name = "sea"
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "temperature": Range(0, exclusive_minimum=True),
+        "alpha_contrast": Range(0),
+        "ureg": Range(0),
+        "proj_hidden_dim": Range(1),
+        "proj_out_dim": Range(1),
+        "club_dim": Range(1),
+        "club_hidden_size": Range(1),
+        "club_steps": Range(0),
+        "club_lr": Range(0, exclusive_minimum=True),
+    }
     min_modalities = 2
     uses_item_graph = True
     id_rows = {"user_preference": ("user", 1), "user_modality_weights": ("user", 0)}
@@ -228,12 +240,6 @@ class SEA(Recommender):
                 "SEA splits each feature in halves: every d_m must be >= 2, "
                 f"got {list(feature_dims)}"
             )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if club_steps < 0:
-            raise ValueError(f"club_steps must be >= 0, got {club_steps}")
-        if num_mm_layers < 0:
-            raise ValueError(f"num_mm_layers must be >= 0, got {num_mm_layers}")
         self.num_users = num_users
         self.num_items = num_items
         self.feature_dims = feature_dims

@@ -206,6 +206,7 @@ def _run_experiment(
 ) -> dict[str, Any]:
     """:func:`run_experiment` once its folder is locked and checked."""
     model_cls = get_model_class(model_name)
+    model_cls.check_config(config)  # before any data work: a bad value fails at once
     source_hash = content_hash(data)  # what the run read, before any hold-out
     data = apply_cold_items(data, config, model_cls)
     seed_everything(int(config["seed"]))
