@@ -1,5 +1,10 @@
-"""Property-based fuzzing of every reader of user files: arbitrary bytes and mutations of
-valid files load cleanly or raise a CM3Error (never another exception, never a hang)."""
+"""Property-based fuzzing of every reader of user files and of the CLI's argument surface:
+arbitrary bytes and mutations of valid files load cleanly or raise a CM3Error (never another
+exception, never a hang); arbitrary command lines end with exit 0 or one ``error:`` line.
+
+Each property runs twice: a bounded version in the normal suite and a ``slow`` one with
+:data:`LONG_EXAMPLES` examples (``pytest -m slow tests/test_fuzz_readers.py``; its record is
+``benchmarks/results/fuzz-long.md``)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,13 +25,25 @@ from cm3_pyg.data.idmaps import read_id_map
 from cm3_pyg.data.mmrec import read_mmrec_folder
 from cm3_pyg.data.prepare import PrepareOptions, prepare_dataset
 from cm3_pyg.errors import CM3Error, DataWarning
+from cm3_pyg.models import registered_models
 from cm3_pyg.training import load_config
 from cm3_pyg.training.artifact import load_artifact
 from cm3_pyg.training.checkpoint import load_checkpoint
 
-FUZZ = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+#: examples per property in the long (``slow``) run
+LONG_EXAMPLES = 10_000
+_QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=_QUIET)
+LONG = settings(max_examples=LONG_EXAMPLES, deadline=None, suppress_health_check=_QUIET)
+
+
+def _fast_and_long(body, examples: int = 40, long_examples: int = LONG_EXAMPLES, **strategies):
+    """``(fast test, slow test)``: ``body`` under ``given(**strategies)`` twice, with a
+    bounded and a long example budget (two wrappers, so each keeps its own settings)."""
+    fast = settings(FUZZ, max_examples=examples)(given(**strategies)(body))
+    slow = settings(LONG, max_examples=long_examples)(given(**strategies)(body))
+    return fast, pytest.mark.slow(slow)
+
 
 VALID_INTER = b"userID\titemID\tx_label\n" + b"".join(
     f"{u}\t{i}\t{x}\n".encode()
@@ -79,9 +98,7 @@ def _clean_or_cm3(call) -> None:
         call()
 
 
-@FUZZ
-@given(inter=_mutations(VALID_INTER), feature=_mutations(VALID_FEATURE))
-def test_mmrec_folder_reader(inter: bytes, feature: bytes) -> None:
+def _mmrec_folder_reader(inter: bytes, feature: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "d"
         folder.mkdir()
@@ -90,9 +107,12 @@ def test_mmrec_folder_reader(inter: bytes, feature: bytes) -> None:
         _clean_or_cm3(lambda: read_mmrec_folder(folder))
 
 
-@FUZZ
-@given(text=_mutations(b"gamma: 0.5\ntopk: [10, 20]\nvalid_metric: recall@20\nseed: 3\n"))
-def test_config_reader(text: bytes) -> None:
+test_mmrec_folder_reader, test_mmrec_folder_reader_long = _fast_and_long(
+    _mmrec_folder_reader, inter=_mutations(VALID_INTER), feature=_mutations(VALID_FEATURE)
+)
+
+
+def _config_reader(text: bytes) -> None:
     from cm3_pyg.models import CM3
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,23 +121,35 @@ def test_config_reader(text: bytes) -> None:
         _clean_or_cm3(lambda: load_config(CM3.default_config(), path))
 
 
-@FUZZ
-@given(text=_mutations(b"asin\titemID\nA\t0\nB\t1\nC\t2\n"))
-def test_id_map_reader(text: bytes) -> None:
+test_config_reader, test_config_reader_long = _fast_and_long(
+    _config_reader,
+    text=_mutations(b"gamma: 0.5\ntopk: [10, 20]\nvalid_metric: recall@20\nseed: 3\n"),
+)
+
+
+def _id_map_reader(text: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "i_id_mapping.csv"
         path.write_bytes(text)
         _clean_or_cm3(lambda: read_id_map(path, "itemID", 3))
 
 
-@FUZZ
-@given(text=_mutations(b"u,i,t\na,x,1\na,y,2\nb,x,3\nb,y,4\nc,x,5\nc,z,6\n"))
-def test_prepare_reader(text: bytes) -> None:
+test_id_map_reader, test_id_map_reader_long = _fast_and_long(
+    _id_map_reader, text=_mutations(b"asin\titemID\nA\t0\nB\t1\nC\t2\n")
+)
+
+
+def _prepare_reader(text: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.csv"
         path.write_bytes(text)
         options = PrepareOptions("u", "i", time_col="t", split="temporal")
         _clean_or_cm3(lambda: prepare_dataset(path, Path(tmp) / "out" / "r", options))
+
+
+test_prepare_reader, test_prepare_reader_long = _fast_and_long(
+    _prepare_reader, text=_mutations(b"u,i,t\na,x,1\na,y,2\nb,x,3\nb,y,4\nc,x,5\nc,z,6\n")
+)
 
 
 @functools.cache
@@ -131,9 +163,7 @@ def _saved_files() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ("checkpoint.pt", "artifact.pt")}
 
 
-@settings(max_examples=25, deadline=None)
-@given(data=st.data())
-def test_checkpoint_and_artifact_readers(data: st.DataObject) -> None:
+def _checkpoint_and_artifact_readers(data: st.DataObject) -> None:
     saved = _saved_files()
     name = data.draw(st.sampled_from(sorted(saved)))
     blob = data.draw(_mutations(saved[name]))
@@ -142,3 +172,176 @@ def test_checkpoint_and_artifact_readers(data: st.DataObject) -> None:
         path.write_bytes(blob)
         reader = load_checkpoint if name == "checkpoint.pt" else load_artifact
         _clean_or_cm3(lambda: reader(path))
+
+
+test_checkpoint_and_artifact_readers, test_checkpoint_and_artifact_readers_long = _fast_and_long(
+    _checkpoint_and_artifact_readers, examples=25, data=st.data()
+)
+
+
+# ----------------------------------------------------------------------------- CLI surface
+
+
+@functools.cache
+def _tiny_dataset() -> Path:
+    """A 24-user, 16-item MMRec folder (image + text), built once per process."""
+    from cm3_pyg.data.synthetic import make_synthetic_arrays, write_mmrec_folder
+
+    arrays = make_synthetic_arrays(
+        num_users=24, num_items=16, modality_dims={"image": 4, "text": 3}, seed=5
+    )
+    root = Path(tempfile.mkdtemp())
+    write_mmrec_folder(
+        root / "tiny", "tiny", arrays.users, arrays.items, arrays.labels, arrays.features
+    )
+    return root
+
+
+#: the config keys of every model (train's ``--set``), and a few that do not exist
+_KEYS = sorted({key for cls in registered_models().values() for key in cls.default_config()})
+_KEYS += ["nope", "", "=", "grid"]
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-1000, 1000),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.lists(st.integers(-3, 60), max_size=4),
+    st.dictionaries(st.sampled_from(["image", "text", "audio"]), st.floats(-1, 2), max_size=3),
+)
+_WORDS = st.sampled_from(
+    [
+        "recall@10",
+        "ndcg@5",
+        "cpu",
+        "cuda:7",
+        "auto",
+        "csr",
+        "bpr",
+        "nbpo",
+        "image",
+        "[5, 10]",
+        "{image: 1}",
+        "[image]",
+        "'",
+        "[",
+        "{",
+        "!!python/object:os.system",
+        ".nan",
+        "1e400",
+    ]
+)
+#: a --set value: YAML of a scalar, list or mapping, free text, or a tricky word
+_VALUES = st.one_of(
+    _SCALARS.map(lambda v: yaml.safe_dump(v, default_flow_style=True).split("\n...")[0].strip()),
+    st.text(max_size=12),
+    _WORDS,
+)
+#: ``compare`` is left out: a valid command line runs a whole grid on the embedded data
+_COMMANDS = [
+    "train",
+    "evaluate",
+    "recommend",
+    "export",
+    "analyze",
+    "validate",
+    "prepare",
+    "unlearn",
+    "bogus",
+]
+_FLAGS = [
+    "--model",
+    "--epochs",
+    "--seed",
+    "--cold-items",
+    "--config",
+    "--run",
+    "--k",
+    "--users",
+    "--out",
+    "--format",
+    "--models",
+    "--seeds",
+    "--request",
+    "--data-root",
+    "--dataset",
+    "--inter",
+    "--overwrite",
+    "--force-reload",
+    "--resume",
+    "--grid",
+    "--batch-size",
+    "-h",
+    "--no-progress",
+    "--port",
+    "--user-col",
+    "--item-col",
+]
+
+
+@st.composite
+def _command_lines(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from(_COMMANDS))
+    argv: list[str] = [command]
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            argv += ["--set", f"{draw(st.sampled_from(_KEYS))}={draw(_VALUES)}"]
+        else:
+            argv.append(draw(st.sampled_from(_FLAGS)))
+            if draw(st.booleans()):
+                argv.append(
+                    draw(
+                        st.one_of(
+                            _VALUES, st.sampled_from(["cm3", "lightgcn", "sea", "-1", "0", "1.5"])
+                        )
+                    )
+                )
+    return argv
+
+
+def _cli_surface(argv: list[str]) -> None:
+    from cm3_pyg.cli.app import main as app_main
+
+    root = _tiny_dataset()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Keep every run small and inside tmp: the tiny dataset, one epoch, a fresh --out.
+        if argv[0] == "train":
+            argv = [
+                *argv,
+                "--data-root",
+                str(root),
+                "--dataset",
+                "tiny",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(Path(tmp) / "run"),
+                "--cache-dir",
+                tmp,
+            ]
+        stderr = io.StringIO()
+        # in tmp, so a relative --out of a fuzzed command line lands there, not in the repo
+        with (
+            contextlib.chdir(tmp),
+            contextlib.redirect_stderr(stderr),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            try:
+                code = app_main(argv)
+            except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+                code = exit_.code
+        text = stderr.getvalue()
+    assert code in (0, 2, 3), (argv, code, text[-2000:])
+    assert "Traceback" not in text, (argv, text[-2000:])
+    if code == 2:
+        lines = [line for line in text.strip().splitlines() if line]
+        # exactly one error line (an unknown command's is followed by the command list)
+        assert sum("error:" in line for line in lines) == 1, (argv, text[-2000:])
+
+
+test_cli_surface, test_cli_surface_long = _fast_and_long(
+    _cli_surface,
+    examples=30,
+    long_examples=2_000,
+    argv=_command_lines(),
+)

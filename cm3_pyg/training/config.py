@@ -218,6 +218,37 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"config key 'cold_items' must lie in [0, 1), got {config['cold_items']!r}"
         )
+    image_weight = config["mm_image_weight"]
+    if image_weight is not None and not (
+        isinstance(image_weight, (int, float))
+        and not isinstance(image_weight, bool)
+        and 0.0 <= image_weight <= 1.0
+    ):
+        raise ConfigError(
+            f"config key 'mm_image_weight' must be null or a number in [0, 1], got {image_weight!r}"
+        )
+    weights = config["modality_weights"]
+    if weights is not None:
+        if not isinstance(weights, dict) or not weights:
+            raise ConfigError(
+                "config key 'modality_weights' must be null or a mapping of modality name to "
+                f"weight, e.g. {{image: 0.3, text: 0.7}}, got {weights!r}"
+            )
+        for name, value in weights.items():
+            if (
+                not isinstance(name, str)
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value >= 0
+            ):
+                raise ConfigError(
+                    "config key 'modality_weights' must map modality names to numbers >= 0, "
+                    f"got {name!r}: {value!r}"
+                )
+        if not any(value > 0 for value in weights.values()):
+            raise ConfigError(
+                f"config key 'modality_weights' must not be all zero, got {weights!r}"
+            )
     for key in ("weight_decay", "flip_weight_decay"):
         if config[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]!r}")

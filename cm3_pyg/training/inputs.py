@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
-from cm3_pyg.data.graphs import bipartite_normalized_adjacency
+from cm3_pyg.data.graphs import bipartite_normalized_adjacency, modality_weights
 from cm3_pyg.data.transforms import ModalityKNNGraph
-from cm3_pyg.errors import DataFormatError
+from cm3_pyg.errors import ConfigError, DataFormatError
 from cm3_pyg.models.base import GraphInputs
 from cm3_pyg.nn.sparse import to_adjacency
 from cm3_pyg.training.config import training_defaults
@@ -83,6 +83,10 @@ def build_graph_inputs(
             view["item"][f"x_{m}"] = x
             if f"keep_{m}" in data["item"]:  # rows removed from the modality (unlearning)
                 view["item"][f"keep_{m}"] = data["item"][f"keep_{m}"]
+        try:  # the names are checked against the data here, where the data is known
+            modality_weights(modalities, config["modality_weights"], config["mm_image_weight"])
+        except ConfigError as exc:
+            raise ConfigError(f"config key 'modality_weights': {exc}") from None
         knn = ModalityKNNGraph(
             k=int(config["knn_k"]),
             weights=config["modality_weights"],

@@ -1,0 +1,46 @@
+"""Config keys checked with the key named, and every CLI error on one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from cm3_pyg.cli import main
+from cm3_pyg.errors import ConfigError
+from cm3_pyg.models import CM3
+from cm3_pyg.training import load_config
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1, 2, 3], "'modality_weights' must be null or a mapping"),
+        ({"image": -1, "text": 1}, "numbers >= 0, got 'image': -1"),
+        ({"image": 0, "text": 0}, "must not be all zero"),
+    ],
+)
+def test_modality_weights_are_checked_with_the_key_named(value, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(CM3.default_config(), overrides={"modality_weights": value})
+
+
+def test_mm_image_weight_names_its_key() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'mm_image_weight' must be null or a number in \[0, 1\]"
+    ):
+        load_config(CM3.default_config(), overrides={"mm_image_weight": 2.0})
+
+
+def test_unknown_modality_weight_names_the_key(tmp_path, capsys) -> None:
+    argv = ["--model", "cm3", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--set", "modality_weights={a: 1}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: config key 'modality_weights': weights names unknown modality")
+
+
+def test_a_multi_line_yaml_error_is_one_error_line(tmp_path, capsys) -> None:
+    argv = ["--model", "cm3", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--set", "alpha=0\x1f"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: --set 'alpha=0\\x1f': value is not valid"
+    )
