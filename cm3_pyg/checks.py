@@ -186,10 +186,7 @@ def check_probability_tensor(t: Tensor, name: str) -> None:
 
 
 class Range(NamedTuple):
-    """The allowed values of a number: ``[minimum, maximum]``, either end open or absent.
-
-    ``str(Range(0, 1, exclusive_maximum=True))`` is ``"[0, 1)"``.
-    """
+    """The allowed values of a number: ``[minimum, maximum]``, either end open or absent."""
 
     minimum: float | None = None
     maximum: float | None = None
@@ -210,10 +207,3 @@ class Range(NamedTuple):
             exclusive_maximum=self.exclusive_maximum,
         )
         return int(value) if integer else number  # type: ignore[arg-type]
-
-    def __str__(self) -> str:
-        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
-        high = "inf" if self.maximum is None else f"{self.maximum:g}"
-        opening = "(" if self.exclusive_minimum or self.minimum is None else "["
-        closing = ")" if self.exclusive_maximum or self.maximum is None else "]"
-        return f"{opening}{low}, {high}{closing}"

@@ -13,9 +13,13 @@ from cm3_pyg.training import load_config
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ([1, 2, 3], "'modality_weights' must be null or a mapping"),
-        ({"image": -1, "text": 1}, "numbers >= 0, got 'image': -1"),
-        ({"image": 0, "text": 0}, "must not be all zero"),
+        ([1, 2, 3], r"'modality_weights': weights must be a mapping of modality name to weight"),
+        (
+            {"image": -1, "text": 1},
+            r"'modality_weights': weights\['image'\] must be finite and >= 0",
+        ),
+        ({"image": 0, "text": 0}, "'modality_weights': weights must not all be zero"),
+        ({}, "'modality_weights': weights is empty"),
     ],
 )
 def test_modality_weights_are_checked_with_the_key_named(value, message) -> None:

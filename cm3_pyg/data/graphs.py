@@ -274,6 +274,14 @@ def modality_weights(
     Raises:
         ConfigError: (a ``ValueError``) naming the offending key or value.
     """
+    if weights is not None:
+        if not isinstance(weights, Mapping):
+            raise ConfigError(
+                "weights must be a mapping of modality name to weight, e.g. "
+                f"{{image: 0.3, text: 0.7}}, got {weights!r}"
+            )
+        if not weights:
+            raise ConfigError("weights is empty; it must name every modality")
     mods = list(modalities)
     if not mods:
         raise ConfigError("modalities must name at least one modality")

@@ -72,7 +72,9 @@ class ModalityKNNGraph(BaseTransform):
         ):
             raise ConfigError(f"block_size must be a positive int or None, got {block_size!r}")
         self.k = k
-        self.weights = dict(weights) if weights is not None else None
+        if isinstance(weights, Mapping):
+            weights = dict(weights)
+        self.weights = weights  # anything else is refused by modality_weights
         self.mm_image_weight = mm_image_weight
         self.block_size = block_size
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -294,14 +294,14 @@ class Recommender(torch.nn.Module):
 
         for param in _init_parameters(cls):
             value = values.get(param.name)
-            if param.name not in values or value is None or param.name not in ranges:
+            if value is None or param.name not in ranges:
                 continue
-            integer = str(param.annotation).split("|")[0].strip() == "int"
+            integer = _annotation_types(param)[0] == ["int"]
             ranges[param.name].check(value, label(param.name), integer=integer)
         cls.check_relations(values, label)
 
     @classmethod
-    def check_relations(cls, values: Mapping[str, Any], label: Any) -> None:
+    def check_relations(cls, values: Mapping[str, Any], label: Callable[[str], str]) -> None:
         """Constraints between hyper-parameters (none by default); ``label(argument)`` names
         an argument in the message."""
 
@@ -656,8 +656,7 @@ def _checked_init(init: Any) -> Any:
 
     @functools.wraps(init)
     def checked(self: Recommender, *args: Any, **kwargs: Any) -> None:
-        if not self.__dict__.get("_hyperparameters_checked", False):
-            object.__setattr__(self, "_hyperparameters_checked", True)
+        if type(self).__init__ is checked:  # the outermost __init__ of this instance
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             type(self).check_hyperparameters(bound.arguments)
@@ -691,13 +690,18 @@ _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _annotation_types(param: inspect.Parameter) -> tuple[list[str], bool]:
+    """``(type names, optional)`` of a string annotation such as ``"float | None"``."""
+    annotation = param.annotation if isinstance(param.annotation, str) else ""
+    parts = [p.strip() for p in annotation.split("|")]
+    return [p for p in parts if p != "None"], "None" in parts
+
+
 def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
     """``value`` checked against ``param``'s annotation (``int``, ``float``, ``bool``,
     ``str``, optionally ``| None``); ints become floats for float arguments."""
     annotation = param.annotation if isinstance(param.annotation, str) else ""
-    parts = [p.strip() for p in annotation.split("|")]
-    optional = "None" in parts
-    names = [p for p in parts if p != "None"]
+    names, optional = _annotation_types(param)
     if value is None:
         if optional:
             return None

@@ -2,7 +2,7 @@ r"""CM3: Calibrating Multimodal Recommendation (Zhou, Wang, Shen, 2025)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -100,7 +100,7 @@ class CM3(Recommender):
     own_objective = "alignment + calibrated uniformity"
 
     @classmethod
-    def check_relations(cls, values: Mapping[str, Any], label: Any) -> None:
+    def check_relations(cls, values: Mapping[str, Any], label: Callable[[str], str]) -> None:
         """``min_sim <= max_sim`` (the calibration's clamp)."""
         defaults = cls.hyperparameters()
         low = values.get("min_sim", defaults["min_sim"])
