@@ -48,3 +48,17 @@ def test_a_multi_line_yaml_error_is_one_error_line(tmp_path, capsys) -> None:
     assert len(lines) == 1 and lines[0].startswith(
         "error: --set 'alpha=0\\x1f': value is not valid"
     )
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "epochs", "topk", "device", "gamma"])
+def test_null_is_refused_where_the_default_is_a_value(key) -> None:
+    # found by the train-values CLI fuzz: learning_rate=null reached `None > 0`
+    with pytest.raises(ConfigError, match=rf"key '{key}' expects an? .* got None"):
+        load_config(CM3.default_config(), overrides={key: None})
+
+
+def test_null_is_accepted_where_the_default_is_null() -> None:
+    from cm3_pyg.models import SEA
+
+    config = load_config(SEA.default_config(), overrides={"club_lr": None, "objective": None})
+    assert config["club_lr"] is None and config["objective"] is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -112,6 +113,34 @@ test_mmrec_folder_reader, test_mmrec_folder_reader_long = _fast_and_long(
 )
 
 
+#: found by the long run: numpy parses a .npy header with the tokenizer and ast, so a
+#: damaged one raised SyntaxError / tokenize.TokenError
+DAMAGED_NPY_HEADERS = [
+    b"\x93NUMPY\x01\x00\x13\x00" + b"\x00" * 18 + b"{",
+    b"\x93NUMPY\x01\x00\x06\x00\x00\x00\x00'''",
+]
+
+
+@pytest.mark.parametrize("feature", DAMAGED_NPY_HEADERS)
+def test_damaged_npy_header_is_a_data_error(tmp_path, feature: bytes) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "d.inter").write_bytes(VALID_INTER)
+    (folder / "image_feat.npy").write_bytes(feature)
+    with pytest.raises(CM3Error, match=r"image_feat\.npy: not a valid \.npy file"):
+        read_mmrec_folder(folder)
+    table = tmp_path / "r.csv"
+    table.write_text("u,i\na,x\na,y\nb,x\nb,y\n")
+    (tmp_path / "items.csv").write_text("i\nx\ny\n")
+    (tmp_path / "f.npy").write_bytes(feature)
+    features = {"image": tmp_path / "f.npy"}
+    options = PrepareOptions(
+        "u", "i", items=tmp_path / "items.csv", item_id_col="i", features=features
+    )
+    with pytest.raises(CM3Error, match=r"f\.npy: not a readable \.npy array"):
+        prepare_dataset(table, tmp_path / "out" / "r", options)
+
+
 def _config_reader(text: bytes) -> None:
     from cm3_pyg.models import CM3
 
@@ -184,17 +213,22 @@ test_checkpoint_and_artifact_readers, test_checkpoint_and_artifact_readers_long 
 
 @functools.cache
 def _tiny_dataset() -> Path:
-    """A 24-user, 16-item MMRec folder (image + text), built once per process."""
+    """A 40-user, 60-item MMRec folder (image + text), built once per process (more items
+    than the largest default top-k, so a default config trains on it)."""
     from cm3_pyg.data.synthetic import make_synthetic_arrays, write_mmrec_folder
 
     arrays = make_synthetic_arrays(
-        num_users=24, num_items=16, modality_dims={"image": 4, "text": 3}, seed=5
+        num_users=40, num_items=60, modality_dims={"image": 4, "text": 3}, seed=5
     )
     root = Path(tempfile.mkdtemp())
     write_mmrec_folder(
         root / "tiny", "tiny", arrays.users, arrays.items, arrays.labels, arrays.features
     )
     return root
+
+
+def _yaml(value: object) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).split("\n...")[0].strip()
 
 
 #: the config keys of every model (train's ``--set``), and a few that do not exist
@@ -232,13 +266,14 @@ _WORDS = st.sampled_from(
 )
 #: a --set value: YAML of a scalar, list or mapping, free text, or a tricky word
 _VALUES = st.one_of(
-    _SCALARS.map(lambda v: yaml.safe_dump(v, default_flow_style=True).split("\n...")[0].strip()),
+    _SCALARS.map(_yaml),
     st.text(max_size=12),
     _WORDS,
 )
-#: ``compare`` is left out: a valid command line runs a whole grid on the embedded data
+#: ``train`` and ``compare`` get bounds appended (tiny data, one epoch, one seed, one point)
 _COMMANDS = [
     "train",
+    "compare",
     "evaluate",
     "recommend",
     "export",
@@ -298,33 +333,87 @@ def _command_lines(draw: st.DrawFn) -> list[str]:
     return argv
 
 
+def _values_near(default: object) -> st.SearchStrategy[str]:
+    """``--set`` values for a key with this default: mostly of its type and near it (so most
+    command lines get past the checks and train), sometimes anything."""
+    if isinstance(default, bool):
+        typed = st.booleans().map(_yaml)
+    elif isinstance(default, int):
+        typed = st.one_of(
+            st.sampled_from([default, default + 1, 2 * default, 0, 1, -1]), st.integers(-2, 40)
+        ).map(_yaml)
+    elif isinstance(default, float):
+        typed = st.one_of(
+            st.sampled_from([default, default / 2, 2 * default, -default, 0.0, 1.0]),
+            st.floats(-0.5, 1.5, width=32),
+        ).map(_yaml)
+    else:
+        typed = st.just(_yaml(default))
+    return st.one_of(typed, typed, _VALUES)
+
+
+@st.composite
+def _train_command_lines(draw: st.DrawFn) -> list[str]:
+    """``train --model M`` with up to four ``--set`` values of M's own config keys, mostly
+    near their defaults: the surface where a value passes the flag parser and reaches the
+    model, the data and training."""
+    model = draw(st.sampled_from(sorted(registered_models())))
+    config = registered_models()[model].default_config()
+    argv = ["train", "--model", model]
+    for _ in range(draw(st.integers(1, 4))):
+        key = draw(st.sampled_from(sorted(config)))
+        argv += ["--set", f"{key}={draw(_values_near(config[key]))}"]
+    return argv
+
+
+class _ExampleTimeout(BaseException):
+    """Raised by the alarm inside a fuzzed command that ran past its bound (a BaseException,
+    so no handler of the CLI turns a hang into an exit code)."""
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float):
+    def alarm(signum: int, frame: object) -> None:
+        raise _ExampleTimeout(f"example ran past {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+#: per example; the bounded train or compare lines finish in seconds on the tiny data
+EXAMPLE_SECONDS = 120.0
+
+
+def _bounded(argv: list[str], root: Path, tmp: str) -> list[str]:
+    """``argv`` with flags appended (argparse keeps the last) that keep a train or compare
+    small and inside ``tmp``: the tiny dataset, one epoch, a fresh --out, one seed and point."""
+    if argv[0] not in ("train", "compare"):
+        return argv
+    bounds = ["--data-root", str(root), "--dataset", "tiny", "--epochs", "1"]
+    bounds += ["--out", str(Path(tmp) / "run"), "--cache-dir", tmp]
+    if argv[0] == "train":
+        return [*argv, *bounds, "--no-progress"]
+    return [*argv, *bounds, "--seeds", "7", "--budget", "1"]
+
+
 def _cli_surface(argv: list[str]) -> None:
     from cm3_pyg.cli.app import main as app_main
 
     root = _tiny_dataset()
     with tempfile.TemporaryDirectory() as tmp:
-        # Keep every run small and inside tmp: the tiny dataset, one epoch, a fresh --out.
-        if argv[0] == "train":
-            argv = [
-                *argv,
-                "--data-root",
-                str(root),
-                "--dataset",
-                "tiny",
-                "--epochs",
-                "1",
-                "--no-progress",
-                "--out",
-                str(Path(tmp) / "run"),
-                "--cache-dir",
-                tmp,
-            ]
+        argv = _bounded(argv, root, tmp)
         stderr = io.StringIO()
         # in tmp, so a relative --out of a fuzzed command line lands there, not in the repo
         with (
             contextlib.chdir(tmp),
             contextlib.redirect_stderr(stderr),
             contextlib.redirect_stdout(io.StringIO()),
+            _time_bound(EXAMPLE_SECONDS),
         ):
             try:
                 code = app_main(argv)
@@ -344,4 +433,10 @@ test_cli_surface, test_cli_surface_long = _fast_and_long(
     examples=30,
     long_examples=2_000,
     argv=_command_lines(),
+)
+test_cli_train_values, test_cli_train_values_long = _fast_and_long(
+    _cli_surface,
+    examples=10,
+    long_examples=1_000,
+    argv=_train_command_lines(),
 )

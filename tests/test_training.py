@@ -77,7 +77,7 @@ def test_config_layers_and_errors(tmp_path):
     assert load_config(CM3.default_config(), user)["topk"] == [10, 20]
     with pytest.raises(ConfigError, match=r"--set: unknown config key 'n_ui_layer'"):
         load_config(CM3.default_config(), overrides={"n_ui_layer": 3})
-    with pytest.raises(ConfigError, match=r"key 'n_ui_layers' expects a int"):
+    with pytest.raises(ConfigError, match=r"key 'n_ui_layers' expects an integer"):
         load_config(CM3.default_config(), overrides={"n_ui_layers": "three"})
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["gamma"])

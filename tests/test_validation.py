@@ -325,8 +325,8 @@ def test_cli_reports_bad_data_without_traceback(
     ("text", "message"),
     [
         ("n_ui_layer: 3\n", r"c\.yaml: unknown config key 'n_ui_layer'"),
-        ("epochs: 2.5\n", r"c\.yaml: key 'epochs' expects a int"),
-        ("epochs: true\n", r"c\.yaml: key 'epochs' expects a int"),
+        ("epochs: 2.5\n", r"c\.yaml: key 'epochs' expects an integer"),
+        ("epochs: true\n", r"c\.yaml: key 'epochs' expects an integer"),
         ("gamma: [1]\n", r"c\.yaml: key 'gamma' expects a number"),
         ("topk: 20\n", r"c\.yaml: key 'topk' expects a list"),
         ("- epochs\n", r"c\.yaml: expected a mapping of keys to values, got list"),

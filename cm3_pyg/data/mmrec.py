@@ -15,6 +15,7 @@ cm3_pyg.data.validate``).
 from __future__ import annotations
 
 import os
+import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +431,12 @@ def feature_path(folder: str | os.PathLike[str], modality: str) -> Path:
     return Path(folder) / f"{modality}{FEATURE_SUFFIX}"
 
 
+#: what ``np.load(..., allow_pickle=False)`` raises on a damaged file: numpy parses the
+#: header's dict with the tokenizer and ``ast`` (SyntaxError, TokenError), a header's shape
+#: can ask for more memory than exists
+NPY_LOAD_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, MemoryError)
+
+
 def _load_one(path: Path, log: ProblemLog) -> np.ndarray | None:
     """Load one feature matrix as float32 ``[rows, dim]``, validating it fully.
 
@@ -451,8 +458,8 @@ def _load_one(path: Path, log: ProblemLog) -> np.ndarray | None:
     try:
         # allow_pickle=False: a user's file must never run code when loaded.
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        # Truncated files, pickled object arrays and non-.npy content all end up here.
+    except NPY_LOAD_ERRORS as exc:
+        # Truncated files, damaged headers, pickled object arrays and non-.npy content.
         log.error(f"{path}: not a valid .npy file of numbers ({type(exc).__name__}: {exc})")
         return None
     if not isinstance(array, np.ndarray):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cm3_pyg.data.mmrec import NPY_LOAD_ERRORS
 from cm3_pyg.data.synthetic import per_user_split_labels
 from cm3_pyg.errors import ConfigError, DataFormatError
 from cm3_pyg.io import atomic_folder, atomic_write, atomic_write_text
@@ -355,7 +356,7 @@ def _item_features(
     for modality, npy in options.features.items():
         try:
             array = np.load(npy, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except NPY_LOAD_ERRORS as exc:
             raise DataFormatError(f"{npy}: not a readable .npy array ({exc})") from None
         if array.ndim != 2 or array.shape[0] != n_table:
             raise DataFormatError(

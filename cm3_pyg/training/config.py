@@ -58,8 +58,12 @@ def training_defaults() -> dict[str, Any]:
 
 
 def _compatible(default: Any, value: Any) -> bool:
-    if default is None or value is None:
+    # A key whose default is null takes any value (its own check follows); a key with a
+    # value by default never takes null (``--set learning_rate=`` would reach arithmetic).
+    if default is None:
         return True
+    if value is None:
+        return False
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -75,8 +79,15 @@ def _compatible(default: Any, value: Any) -> bool:
     return True
 
 
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
+
+
 def _type_name(value: Any) -> str:
-    return "number" if isinstance(value, float) else type(value).__name__
+    return _TYPE_NAMES.get(type(value), "mapping" if isinstance(value, dict) else "value")
+
+
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -94,7 +105,7 @@ def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str)
             value = float(value)
         if not _compatible(base[key], value):
             raise ConfigError(
-                f"{source}: key {key!r} expects a {_type_name(base[key])} "
+                f"{source}: key {key!r} expects {_article(_type_name(base[key]))} "
                 f"(like the default {base[key]!r}), got {value!r}"
             )
         if isinstance(base[key], float) and isinstance(value, int):
