@@ -50,6 +50,33 @@ def test_every_numeric_hyperparameter_has_a_range(name: str, cls: type) -> None:
 
 
 @pytest.mark.parametrize(("name", "cls"), MODELS)
+def test_every_string_hyperparameter_has_choices(name: str, cls: type) -> None:
+    strings = [p for p in _init_parameters(cls) if str(p.annotation).split("|")[0].strip() == "str"]
+    choices = cls.choices()
+    missing = [p.name for p in strings if p.name not in choices]
+    assert not missing, f"{name}: no hyperparameter_choices entry for {missing}"
+    for param in strings:
+        assert param.default in choices[param.name]
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: {param.name} must be one of"):
+            cls(**_sizes(cls), **{param.name: "no-such-choice"})
+        key = CONFIG_KEYS.get(param.name, param.name)
+        with pytest.raises(ConfigError, match=rf"config key '{key}' must be one of"):
+            cls.check_config({key: "no-such-choice"})
+
+
+def test_a_string_choice_is_refused_before_reading_data(tmp_path, capsys) -> None:
+    argv = ["--model", "bprmf", "--data-root", str(tmp_path / "absent"), "--no-progress"]
+    code = main([*argv, "--out", str(tmp_path / "run"), "--set", "init_scheme=normal"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "error: model 'bprmf': config key 'init_scheme' must be one of "
+        "('xavier_normal', 'uniform'), got 'normal'"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("name", "cls"), MODELS)
 def test_defaults_lie_inside_and_values_outside_are_refused(name: str, cls: type) -> None:
     ranges = cls.ranges()
     defaults = {p.name: p.default for p in _init_parameters(cls)}

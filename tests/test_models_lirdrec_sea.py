@@ -24,6 +24,7 @@ from cm3_pyg.training import (
     load_checkpoint,
     load_config,
     run_experiment,
+    seed_everything,
 )
 from tests.model_helpers import (
     DIM,
@@ -529,3 +530,75 @@ def test_run_experiment_and_bit_identical_resume(name, data, tmp_path):
             got_moments = got_inner[opt_name]["state"][k]
             assert torch.equal(got_moments["exp_avg"], w["exp_avg"])
             assert torch.equal(got_moments["exp_avg_sq"], w["exp_avg_sq"])
+
+
+# --- fidelity options (issue 20) -----------------------------------------------------------------
+
+
+def test_sea_cross_pairing_fits_the_reference_pairs_and_keeps_the_loss(data):
+    """``club_pairing="cross"`` hands the CLUB fit the reference's pairs (modality m+1's
+    parts -> modality m's, generic with generic and unique with unique; with two modalities
+    exactly the reference's), computed here from the model's own maps; the outer loss does
+    not change."""
+    users, pos, neg = a_batch(data)
+    within, inputs, _ = build("sea", data, seed=4)
+    cross, _, _ = build("sea", data, seed=4, club_pairing="cross")
+    assert cross.club_pairing == "cross" and "club_pairing='cross'" in repr(cross)
+    cross.load_state_dict(within.state_dict())
+    within.eval(), cross.eval()  # BatchNorm in the heads: the same statistics for both
+    out = within(inputs.features, inputs.ui_adj, within.item_graph(inputs))
+    perms = [torch.randperm(inputs.num_items) for _ in range(within.num_modalities)]
+    got_within = within.losses(out, users, pos, neg, perms)
+    got_cross = cross.losses(out, users, pos, neg, perms)
+    for a, b in zip(got_within[:3], got_cross[:3], strict=True):
+        assert torch.equal(a, b)
+    num = cross.num_modalities
+    generic = [cross.generic_maps[m](out.generic[m]) for m in range(num)]
+    unique = [cross.unique_maps[m](out.unique[m]) for m in range(num)]
+    want = []
+    for m in range(num - 1):
+        want += [(generic[m + 1], generic[m]), (unique[m + 1], unique[m])]
+    assert len(got_cross.club_samples) == 2 * (num - 1)
+    for (x, y), (wx, wy) in zip(got_cross.club_samples, want, strict=True):
+        assert torch.allclose(x, wx) and torch.allclose(y, wy)
+    for (x, y), m in zip(got_within.club_samples, range(num), strict=True):
+        assert torch.allclose(x, generic[m]) and torch.allclose(y, unique[m])
+
+
+def test_sea_cross_pairing_chains_any_number_of_modalities():
+    from cm3_pyg.models.sea import cross_modal_pairs
+
+    parts = [(torch.full((2, 1), 10.0 * m), torch.full((2, 1), 10.0 * m + 1)) for m in range(3)]
+    got = [(int(x[0, 0]), int(y[0, 0])) for x, y in cross_modal_pairs(parts)]
+    assert got == [(10, 0), (11, 1), (20, 10), (21, 11)]
+
+
+def test_sea_club_pairing_choice_is_checked(data):
+    with pytest.raises(ValueError, match=r"SEA: club_pairing must be one of \('within', 'cross'\)"):
+        SEA(4, 4, [4, 4], club_pairing="reference")
+    with pytest.raises(ConfigError, match=r"config key 'club_pairing' must be one of"):
+        SEA.check_config({"club_pairing": "reference"})
+
+
+def test_lirdrec_weight_decay_grid_axis_changes_training(data):
+    """The reference lists weight_decay in LIRDRec's grid but never passes it to Adam; here
+    it reaches the optimiser, so the axis's points train different models."""
+    assert LIRDRec.default_grid()["weight_decay"] == [0.0, 1.0e-6, 1.0e-5]
+    finals = []
+    for weight_decay in (0.0, 1.0e-2):
+        model, inputs, config = build("lirdrec", data, seed=0, weight_decay=weight_decay)
+        trainer = Trainer(model, inputs, get_splits(data), {**config, "epochs": 1}, progress=False)
+        assert trainer.optimizer.param_groups[0]["weight_decay"] == weight_decay
+        seed_everything(0)
+        trainer.train_epoch(1)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(finals[0], finals[1])
+
+
+def test_sea_trains_with_cross_pairing(data):
+    model, inputs, config = build("sea", data, club_pairing="cross")
+    trainer = Trainer(model, inputs, get_splits(data), {**config, "epochs": 1}, progress=False)
+    before = [p.detach().clone() for p in model.club.parameters()]
+    loss = trainer.train_epoch(1, max_batches=2)
+    assert math.isfinite(loss)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.club.parameters(), strict=True))

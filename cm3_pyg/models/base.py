@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from cm3_pyg.checks import Range, check_ids
+from cm3_pyg.checks import Range, check_choice, check_ids
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.nn.objectives import make_objective, objective_names
 from cm3_pyg.nn.rows import RowTable
@@ -230,6 +230,10 @@ class Recommender(torch.nn.Module):
         "num_mm_layers": Range(0),
         "reg_weight": Range(0),
     }
+    #: The allowed values of the string hyper-parameters, by constructor argument (merged
+    #: over the class tree like :attr:`hyperparameter_ranges`; every ``str`` one must have
+    #: one, tested for every registered model).
+    hyperparameter_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -271,9 +275,17 @@ class Recommender(torch.nn.Module):
         return merged
 
     @classmethod
+    def choices(cls) -> dict[str, tuple[str, ...]]:
+        """:attr:`hyperparameter_choices` merged over the class hierarchy."""
+        merged: dict[str, tuple[str, ...]] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("hyperparameter_choices", {}))
+        return merged
+
+    @classmethod
     def check_hyperparameters(cls, values: Mapping[str, Any], as_config: bool = False) -> None:
         """Check hyper-parameter values (by constructor argument) against :meth:`ranges`,
-        their annotation's int/float type and :meth:`check_relations`.
+        their annotation's int/float type, :meth:`choices` and :meth:`check_relations`.
 
         Args:
             values: constructor argument -> value; arguments absent are not checked.
@@ -283,9 +295,10 @@ class Recommender(torch.nn.Module):
         Raises:
             TypeError: an int hyper-parameter given a non-integer (constructor only; config
                 values are type-checked when read).
-            ValueError: a value out of its range, or a cross-key constraint broken.
+            ValueError: a value out of its range or not among its choices, or a cross-key
+                constraint broken.
         """
-        ranges = cls.ranges()
+        ranges, choices = cls.ranges(), cls.choices()
 
         def label(argument: str) -> str:
             if as_config:
@@ -294,10 +307,13 @@ class Recommender(torch.nn.Module):
 
         for param in _init_parameters(cls):
             value = values.get(param.name)
-            if value is None or param.name not in ranges:
+            if value is None:
                 continue
-            integer = _annotation_types(param)[0] == ["int"]
-            ranges[param.name].check(value, label(param.name), integer=integer)
+            if param.name in choices:
+                check_choice(value, label(param.name), choices[param.name])
+            if param.name in ranges:
+                integer = _annotation_types(param)[0] == ["int"]
+                ranges[param.name].check(value, label(param.name), integer=integer)
         cls.check_relations(values, label)
 
     @classmethod

@@ -10,6 +10,8 @@ negative embeddings, divided by the batch size). Deliberate deviation: the BPR t
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from torch.nn import Parameter
@@ -43,6 +45,7 @@ class BPRMF(Recommender):
     min_modalities = 0
     uses_item_graph = False
     INIT_SCHEMES = ("xavier_normal", "uniform")
+    hyperparameter_choices: ClassVar[dict[str, tuple[str, ...]]] = {"init_scheme": INIT_SCHEMES}
 
     def __init__(
         self,
@@ -53,8 +56,6 @@ class BPRMF(Recommender):
         init_scheme: str = "xavier_normal",
     ) -> None:
         super().__init__()
-        if init_scheme not in self.INIT_SCHEMES:
-            raise ValueError(f"init_scheme must be one of {self.INIT_SCHEMES}, got {init_scheme!r}")
         self.init_scheme = init_scheme
         self.num_users = num_users
         self.num_items = num_items

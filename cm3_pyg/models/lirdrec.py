@@ -41,7 +41,9 @@ an epoch of PWC starts in :meth:`LIRDRec.on_epoch_start` (the trainer's per-epoc
 reference's ``pre_epoch_processing``) or explicitly with :meth:`LIRDRec.start_epoch`;
 the PWC state (epoch, last attention) is kept in buffers so checkpoints resume it;
 the reference's optional degree-sensitive edge pruning (``dropout``, 0 in its configuration)
-and its unused trainable feature copies are not implemented.
+and its unused trainable feature copies are not implemented; the configured
+``weight_decay`` reaches Adam (the reference's grid lists ``weight_decay`` values, but its
+trainer builds Adam without weight decay, so they all train the same model there).
 """
 
 from __future__ import annotations

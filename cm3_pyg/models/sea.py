@@ -43,12 +43,19 @@ then steps the model. The bound in the outer loss is evaluated with a detached c
 network's weights (gradients reach the model only), which is also what the reference
 effectively does (its inner loop zeroes the club's gradients from the outer pass).
 
+**Which pairs the CLUB network is fitted on** (``club_pairing``). The loss evaluates the
+bound within each modality, on ``(a_m, b_m)`` (generic and unique part of modality ``m``).
+The default, ``"within"``, fits the network on those same pairs, which is what makes it a
+variational upper bound of the mutual information it is used for. The reference's trainer
+fits it on cross-modal pairs instead: text-generic -> image-generic and text-unique ->
+image-unique. ``"cross"`` reproduces that: for consecutive modalities ``m, m + 1`` (the
+order of the data's feature tables) the pairs ``(a_{m+1}, a_m)`` and ``(b_{m+1}, b_m)``,
+``2 (M - 1)`` pairs in all, which for the two modalities ``[image, text]`` are exactly the
+reference's. Only what the network is fitted on changes; the loss is the same.
+
 Deliberate deviations: any number ``M >= 2`` of modalities (the reference: image + text);
-the CLUB network is fitted on the pairs whose mutual information it bounds, ``(a_m, b_m)``
-within each modality -- the reference's trainer fits it on cross-modal pairs (text-generic
--> image-generic and text-unique -> image-unique) while its loss evaluates it within each
-modality, which leaves the variational bound without its justification and does not extend
-to ``M > 2``; the inner loop's row shuffles are dropped (the loss is a mean over rows);
+the CLUB pairing above (``"within"`` by default, the reference's as ``"cross"``);
+the inner loop's row shuffles are dropped (the loss is a mean over rows);
 ``d_m -> d_m`` replaces the Baby-specific fixed sizes; evaluation is a fresh forward pass in
 eval mode (the reference scores with the last training batch's embeddings); the reference's
 unused layers, its unused item-dropping graphs and trainable feature copies are omitted.
@@ -169,8 +176,20 @@ class SEAOutput(NamedTuple):
     unique: list[Tensor]
 
 
+def cross_modal_pairs(
+    samples: Sequence[tuple[Tensor, Tensor]],
+) -> list[tuple[Tensor, Tensor]]:
+    """The reference's CLUB fitting pairs from per-modality ``(a_m, b_m)``: for consecutive
+    modalities, ``(a_{m+1}, a_m)`` (generic parts) and ``(b_{m+1}, b_m)`` (unique parts)."""
+    pairs = []
+    for (a_m, b_m), (a_next, b_next) in itertools.pairwise(samples):
+        pairs += [(a_next, a_m), (b_next, b_m)]
+    return pairs
+
+
 class SEALosses(NamedTuple):
-    """The parts of SEA's loss of one batch (scalars) and the CLUB samples ``(a_m, b_m)``."""
+    """The parts of SEA's loss of one batch (scalars) and the pairs the CLUB network is
+    fitted on (``club_pairing``: ``(a_m, b_m)`` per modality, or :func:`cross_modal_pairs`)."""
 
     bpr: Tensor
     mi: Tensor
@@ -197,6 +216,8 @@ class SEA(Recommender):
         club_hidden_size: CLUB's ``hidden_size`` (its layers have half of it).
         club_steps: inner optimizer steps per training batch.
         club_lr: the inner Adam's learning rate (``None``: the run's ``learning_rate``).
+        club_pairing: the pairs the CLUB network is fitted on: ``"within"`` each modality
+            (the pairs it bounds) or ``"cross"`` (consecutive modalities, the reference's).
     """
 
     name = "sea"
@@ -211,6 +232,8 @@ class SEA(Recommender):
         "club_steps": Range(0),
         "club_lr": Range(0, exclusive_minimum=True),
     }
+    CLUB_PAIRINGS = ("within", "cross")
+    hyperparameter_choices: ClassVar[dict[str, tuple[str, ...]]] = {"club_pairing": CLUB_PAIRINGS}
     min_modalities = 2
     uses_item_graph = True
     id_rows = {"user_preference": ("user", 1), "user_modality_weights": ("user", 0)}
@@ -232,6 +255,7 @@ class SEA(Recommender):
         club_hidden_size: int = 16,
         club_steps: int = 50,
         club_lr: float | None = None,
+        club_pairing: str = "within",
     ) -> None:
         super().__init__()
         feature_dims = self.check_feature_dims(feature_dims)  # Solosim pairs the modalities
@@ -275,6 +299,7 @@ class SEA(Recommender):
         self.unique_maps = ModuleList(Linear(dm - h, club_dim) for dm, h in dims)
         self.propagation = UserItemPropagation(num_layers, combine="sum")
         self.club_lr = club_lr
+        self.club_pairing = club_pairing
         # Fitted by its own optimiser (see inner_problems), not by the outer one.
         self.club = CLUB(club_dim, club_dim, club_hidden_size)
         self.reset_parameters()
@@ -357,6 +382,8 @@ class SEA(Recommender):
             mi = mi + functional_call(self.club, frozen, (a, b, perm))
             samples.append((a, b))
         mi = mi / self.num_modalities
+        if self.club_pairing == "cross":
+            samples = cross_modal_pairs(samples)
         proj = [head(g) for head, g in zip(self.projection_heads, out.generic, strict=True)]
         pairs = list(itertools.combinations(range(self.num_modalities), 2))
         align = sum(solosim_loss(proj[b], proj[a], self.temperature) for a, b in pairs)
@@ -387,7 +414,7 @@ class SEA(Recommender):
 
     def inner_problems(self) -> list[InnerProblem]:
         """The CLUB network: ``club_steps`` Adam steps (``club_lr``, default the run's
-        learning rate, as the reference) on each batch's detached pairs ``(a_m, b_m)``."""
+        learning rate, as the reference) on each batch's detached pairs (``club_pairing``)."""
         return [InnerProblem("club", self.club, self.club_steps, self.club_lr)]
 
     def inner_loss(self, name: str, data: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
@@ -411,5 +438,5 @@ class SEA(Recommender):
             f"feature_dims={self.feature_dims}, embedding_dim={self.embedding_dim}, "
             f"num_layers={self.propagation.num_layers}, num_mm_layers={self.num_mm_layers}, "
             f"temperature={self.temperature}, alpha_contrast={self.alpha_contrast}, "
-            f"ureg={self.ureg}, club_steps={self.club_steps})"
+            f"ureg={self.ureg}, club_steps={self.club_steps}, club_pairing={self.club_pairing!r})"
         )
