@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cm3_pyg.data.idmaps import read_id_map
@@ -420,6 +420,8 @@ def _cli_surface(argv: list[str]) -> None:
             except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
                 code = exit_.code
         text = stderr.getvalue()
+    # the share of each exit code shows in --hypothesis-show-statistics (the long record)
+    event(f"{argv[0]} exit {code}")
     assert code in (0, 2, 3), (argv, code, text[-2000:])
     assert "Traceback" not in text, (argv, text[-2000:])
     if code == 2:

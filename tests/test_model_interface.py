@@ -93,7 +93,8 @@ def test_cm3_temperature_is_a_config_key(data):
 
 def test_from_config_checks_values_against_the_constructor(data):
     config = load_config(SEA.default_config(), overrides={"club_lr": "fast"})
-    with pytest.raises(ConfigError, match=r"model 'sea': config key 'club_lr' expects float"):
+    want = r"model 'sea': config key 'club_lr' expects a number or null \(like the default None\)"
+    with pytest.raises(ConfigError, match=want + ", got 'fast'"):
         run_experiment(data, "sea", {**config, "epochs": 1}, progress=False)
     assert load_config(SEA.default_config(), overrides={"club_lr": 0.01})["club_lr"] == 0.01
     with pytest.raises(ConfigError, match=r"config key .dropout. must be in \[0, 1\), got 1.5"):

@@ -713,10 +713,13 @@ def _annotation_types(param: inspect.Parameter) -> tuple[list[str], bool]:
     return [p for p in parts if p != "None"], "None" in parts
 
 
+#: how a config error names an annotation's type (the YAML reader's wording)
+_EXPECTED_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string"}
+
+
 def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
     """``value`` checked against ``param``'s annotation (``int``, ``float``, ``bool``,
     ``str``, optionally ``| None``); ints become floats for float arguments."""
-    annotation = param.annotation if isinstance(param.annotation, str) else ""
     names, optional = _annotation_types(param)
     if value is None:
         if optional:
@@ -728,8 +731,9 @@ def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()
     if not isinstance(value, allowed):
+        expected = _EXPECTED_NAMES.get(names[0], names[0]) + (" or null" if optional else "")
         raise ValueError(
-            f"config key {key!r} expects {annotation} (like the default {param.default!r}), "
+            f"config key {key!r} expects {expected} (like the default {param.default!r}), "
             f"got {value!r}"
         )
     return float(value) if names[0] == "float" else value
