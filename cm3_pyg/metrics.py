@@ -41,7 +41,7 @@ This module imports only :mod:`torch`, :mod:`numpy` and :mod:`cm3_pyg.errors`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +52,7 @@ from cm3_pyg.errors import ConfigError, DataFormatError
 
 __all__ = [
     "METRIC_NAMES",
+    "PerUserMetrics",
     "RankingSums",
     "ranking_metric_sums",
     "ranking_metrics",
@@ -190,6 +191,23 @@ class RankingSums:
         }
 
 
+@dataclass(frozen=True)
+class PerUserMetrics:
+    """Metrics of every evaluated user (the terms whose mean :class:`RankingSums` gives).
+
+    Attributes:
+        users: int64 ``[N]`` global user ids, sorted, each with at least one target.
+        values: ``{"recall@k": float64 [N], ...}`` in the key order of :func:`ranking_metrics`.
+    """
+
+    users: Tensor
+    values: dict[str, Tensor]
+
+    def averages(self) -> dict[str, float]:
+        """The mean of every metric over the users (as :meth:`RankingSums.averages`)."""
+        return {key: float(column.mean()) for key, column in self.values.items()}
+
+
 def _metric_sums_unchecked(
     scores: Tensor,
     exclude_index: Tensor | None,
@@ -203,6 +221,20 @@ def _metric_sums_unchecked(
     int64 on ``scores.device`` with local user rows. If ``copy`` is ``False`` the masking
     writes into ``scores`` itself (used when the caller owns a freshly computed tensor).
     """
+    per_user, counted = _per_user_unchecked(scores, exclude_index, target_index, ks, copy)
+    return RankingSums(ks, per_user.sum(dim=1), counted.sum())
+
+
+def _per_user_unchecked(
+    scores: Tensor,
+    exclude_index: Tensor | None,
+    target_index: Tensor,
+    ks: tuple[int, ...],
+    copy: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(per_user [5, B, K] float64, counted [B] bool)``: every metric of every user of the
+    batch (rows as :data:`METRIC_NAMES`; 0 for a user without a target, who is not
+    ``counted``). Inputs as :func:`_metric_sums_unchecked`."""
     device = scores.device
     num_users, num_items = scores.shape
     max_k = ks[-1]
@@ -248,7 +280,7 @@ def _metric_sums_unchecked(
     f1 = torch.where(h_k > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), 0.0)
 
     per_user = torch.stack([recall, ndcg, precision, ap, f1], dim=0) * valid  # [5, B, K]
-    return RankingSums(ks, per_user.sum(dim=1), (num_targets > 0).sum())
+    return per_user, num_targets > 0
 
 
 def ranking_metric_sums(
@@ -439,10 +471,10 @@ class FullRankingEvaluator:
             out.append((users, exc, tgt))
         return out
 
-    def _accumulate(
-        self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
-    ) -> dict[str, float]:
-        total: RankingSums | None = None
+    def _scored_batches(
+        self, score_batch: Callable[[Tensor], Tensor], check_nan: bool
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(users, scores, exclude, target)`` per batch, the scores checked."""
         for users, exc, tgt in self._batches():
             scores = score_batch(users)
             expected = (users.numel(), self.num_items)
@@ -454,10 +486,33 @@ class FullRankingEvaluator:
                 self.to(scores.device)
                 exc = exc.to(scores.device)
                 tgt = tgt.to(scores.device)
-            part = _metric_sums_unchecked(scores.detach(), exc, tgt, self.ks, copy=copy)
+            yield users, scores.detach(), exc, tgt
+
+    def _accumulate(
+        self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
+    ) -> dict[str, float]:
+        total: RankingSums | None = None
+        for _, scores, exc, tgt in self._scored_batches(score_batch, check_nan):
+            part = _metric_sums_unchecked(scores, exc, tgt, self.ks, copy=copy)
             total = part if total is None else total + part
         assert total is not None  # __init__ guarantees at least one batch
         return total.averages()
+
+    def _per_user(
+        self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
+    ) -> PerUserMetrics:
+        users, parts = [], []
+        for batch_users, scores, exc, tgt in self._scored_batches(score_batch, check_nan):
+            per_user, _ = _per_user_unchecked(scores, exc, tgt, self.ks, copy=copy)
+            users.append(batch_users.cpu())
+            parts.append(per_user.cpu())
+        table = torch.cat(parts, dim=1)  # [5, N, K]; every evaluated user has a target
+        values = {
+            f"{name}@{k}": table[m, :, j]
+            for m, name in enumerate(METRIC_NAMES)
+            for j, k in enumerate(self.ks)
+        }
+        return PerUserMetrics(torch.cat(users), values)
 
     @torch.no_grad()
     def evaluate(self, user_emb: Tensor, item_emb: Tensor) -> dict[str, float]:
@@ -470,6 +525,27 @@ class FullRankingEvaluator:
         Returns:
             The averaged metrics, keys as in :func:`ranking_metrics`.
         """
+        item_t = self._check_embeddings(user_emb, item_emb)
+        # The matmul output is fresh, so masking may write into it (copy=False); finite
+        # embeddings were checked, so the per-batch NaN scan is skipped.
+        return self._accumulate(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
+
+    @torch.no_grad()
+    def evaluate_per_user(self, user_emb: Tensor, item_emb: Tensor) -> PerUserMetrics:
+        """Every evaluated user's metrics from dot-product scores (what :meth:`evaluate`
+        averages): the input of paired significance tests between models.
+
+        Args:
+            user_emb, item_emb: as :meth:`evaluate`.
+
+        Returns:
+            :class:`PerUserMetrics` over :attr:`eval_users`, in their sorted order.
+        """
+        item_t = self._check_embeddings(user_emb, item_emb)
+        return self._per_user(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
+
+    def _check_embeddings(self, user_emb: Tensor, item_emb: Tensor) -> Tensor:
+        """The checks of :meth:`evaluate`; returns ``item_emb.t()`` on the evaluator's device."""
         if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.size(1) != item_emb.size(1):
             raise ValueError(
                 f"user_emb [U, d] and item_emb [I, d] must share d, got "
@@ -493,10 +569,7 @@ class FullRankingEvaluator:
                     f"{int(bad_rows.nonzero()[0])}): the model diverged or was not trained"
                 )
         self.to(item_emb.device)
-        item_t = item_emb.t()
-        # The matmul output is fresh, so masking may write into it (copy=False); finite
-        # embeddings were checked above, so the per-batch NaN scan is skipped.
-        return self._accumulate(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
+        return item_emb.t()
 
     @torch.no_grad()
     def evaluate_scores(self, score_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:

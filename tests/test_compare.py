@@ -6,15 +6,17 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from cm3_pyg.data import make_synthetic
-from cm3_pyg.errors import ConfigError, NonFiniteLossError
+from cm3_pyg.errors import ConfigError, DataFormatError, NonFiniteLossError
 from cm3_pyg.experiments import (
     RunRecord,
     choose_points,
@@ -25,11 +27,20 @@ from cm3_pyg.experiments import (
     point_slug,
     run_comparison,
     select_best,
+    significance,
     summarize,
     write_results,
 )
+from cm3_pyg.experiments.significance import t_two_sided_p
+from cm3_pyg.metrics import PerUserMetrics
 from cm3_pyg.models import get_model_class
-from cm3_pyg.training import load_config, run_experiment
+from cm3_pyg.training import (
+    TEST_USERS_NAME,
+    load_config,
+    read_user_metrics,
+    run_experiment,
+    write_user_metrics,
+)
 from tests.conftest import REPO
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -322,6 +333,30 @@ def test_end_to_end_two_cheap_models_reuses_finished_runs(tiny, tmp_path):
         assert not (folder / "checkpoint.pt").exists()
         assert 0.0 <= r.test["recall@20"] <= 1.0 and r.valid == metrics["valid"]
 
+    # every run kept its test users' metrics; their means are its metrics.json test values
+    for r in records:
+        table = read_user_metrics(
+            tmp_path / "runs" / r.model / r.slug / f"seed{r.seed}" / TEST_USERS_NAME
+        )
+        for key, value in r.test.items():
+            assert math.isclose(float(table.values[key].mean()), value, rel_tol=1e-9, abs_tol=1e-12)
+    # the paired test over users, recomputed by hand from the files in float64
+    selected = select_best(summarize(records))
+    report = significance(selected, records)
+    (test,) = [t for t in report.users["recall@20"]]
+    per_model = {}
+    for model, summary in selected.items():
+        runs = [r for r in records if r.model == model and r.slug == summary.slug]
+        tables = [read_user_metrics(r.path + "/" + TEST_USERS_NAME) for r in runs]
+        per_model[model] = sum(t.values["recall@20"] for t in tables) / len(tables)
+    diff = (per_model[test.a] - per_model[test.b]).tolist()
+    mean = statistics.fmean(diff)
+    t_stat = mean / (statistics.stdev(diff) / math.sqrt(len(diff)))
+    assert test.n == len(diff) == report.num_users
+    assert math.isclose(test.t_statistic, t_stat, rel_tol=1e-9)
+    assert math.isclose(test.p_value, t_two_sided_p(t_stat, len(diff) - 1), rel_tol=1e-12)
+    assert report.seed_list == [999, 1000] and len(report.seeds["recall@20"]) == 1
+
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was retrained")
 
@@ -381,6 +416,16 @@ def test_compare_script_on_synthetic_data(tmp_path):
             metrics = out / "runs" / row["model"] / row["point"] / f"seed{seed}" / "metrics.json"
             assert json.loads(metrics.read_text())["dataset"] == "synthetic"
     assert len(list((out / "runs" / "lightgcn").iterdir())) == 2  # the budget
+    assert "## Significance of the differences" in md and "p Holm" in md
+    tests = list(csv.DictReader((out / "significance.csv").open()))
+    # one pair, four metrics, over users and over seeds
+    assert sorted({(t["model_a"], t["model_b"]) for t in tests}) == [("bprmf", "lightgcn")]
+    assert sorted((t["metric"], t["over"]) for t in tests) == sorted(
+        (m, over)
+        for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+        for over in ("users", "seeds")
+    )
+    assert "test_recall@20_p_holm_vs_best" in rows[0]
     assert (out / "results.png").exists() == HAS_MATPLOTLIB
     bad = subprocess.run(
         [sys.executable, str(REPO / "examples" / "compare_models.py"), "--models", "nope"],
@@ -525,3 +570,96 @@ def test_grid_values_argument_parsing():
     for bad in ("n_layers=[2]", "bm3.n_layers", "bm3.=[1]", "bm3.n_layers=[]", "bm3.x=[1, ["):
         with pytest.raises(ValueError, match="--grid-values"):
             parse_grid_values([bad])
+
+
+# --- significance ----------------------------------------------------------------------------
+
+
+def _users_file(folder, values_by_metric):
+    users = torch.arange(len(next(iter(values_by_metric.values()))))
+    table = PerUserMetrics(
+        users, {k: torch.tensor(v, dtype=torch.float64) for k, v in values_by_metric.items()}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_user_metrics(folder / TEST_USERS_NAME, table, [f"u{u}" for u in users.tolist()])
+
+
+def _crafted_records(tmp_path, shifts, seeds=(1, 2, 3), users=400, skip=()):
+    """Records of models whose per-user metric is a shared base plus ``shifts[model]`` plus
+    seeded noise, with their ``test_users.csv`` written (except for models in ``skip``)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(users, generator=gen, dtype=torch.float64) * 0.5
+    records = []
+    for model, shift in shifts.items():
+        for seed in seeds:
+            values = (base + shift + 0.05 * torch.randn(users, generator=gen)).clamp(0, 1)
+            folder = tmp_path / model / f"seed{seed}"
+            metrics = {
+                key: values.tolist() for key in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+            }
+            if model not in skip:
+                _users_file(folder, metrics)
+            rec = record(model, {}, seed, valid=0.1, test=float(values.mean()))
+            rec.path = str(folder)
+            records.append(rec)
+    return records
+
+
+def test_a_first_claim_needs_a_significant_lead(tmp_path):
+    records = _crafted_records(tmp_path / "clear", {"a": 0.05, "b": 0.0, "c": 0.001})
+    selected = select_best(summarize(records))
+    report = significance(selected, records, randomization_samples=500)
+    assert report.num_users == 400 and report.seed_list == [1, 2, 3]
+    assert [(t.a, t.b) for t in report.users["recall@20"]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    means = {m: s.test_mean["recall@20"] for m, s in selected.items()}
+    leader, significant, _ = report.first("recall@20", means)
+    assert (leader, significant) == ("a", True)
+    paths = write_results(tmp_path / "out", summarize(records), selected, significance=report)
+    md = paths[0].read_text()
+    assert "- test R@20: **a is first**, significantly above every other model" in md
+    rows = {r["model"]: r for r in csv.DictReader(paths[1].open())}
+    assert rows["a"]["test_recall@20_p_holm_vs_best"] == ""
+    assert float(rows["b"]["test_recall@20_p_holm_vs_best"]) < 0.05
+    assert float(rows["b"]["test_recall@20_effect_dz_vs_best"]) < 0  # b lies below a
+    assert len(list(csv.DictReader(paths[3].open()))) == 3 * 4 * 2  # pairs x metrics x over
+
+    # two models level with each other: the higher mean is no "first"
+    level = _crafted_records(tmp_path / "level", {"a": 0.0005, "b": 0.0})
+    chosen = select_best(summarize(level))
+    report = significance(chosen, level, randomization_samples=500)
+    leader, significant, closest = report.first(
+        "recall@20", {m: s.test_mean["recall@20"] for m, s in chosen.items()}
+    )
+    assert not significant and closest is not None and closest.p_adjusted > 0.05
+    md = write_results(tmp_path / "out2", summarize(level), chosen, significance=report)[0]
+    assert f"{leader} has the highest mean but is **not significantly first**" in md.read_text()
+
+
+def test_models_without_per_user_files_are_named_not_tested(tmp_path):
+    records = _crafted_records(tmp_path, {"a": 0.05, "b": 0.0, "old": 0.0}, skip=("old",))
+    selected = select_best(summarize(records))
+    report = significance(selected, records, randomization_samples=100)
+    assert any(note.startswith("old: its runs have no test_users.csv") for note in report.notes)
+    tested = {t.a for t in report.users["recall@20"]} | {t.b for t in report.users["recall@20"]}
+    assert tested == {"a", "b"}
+    # over seeds every model is still tested (from metrics.json)
+    assert len(report.seeds["recall@20"]) == 3
+    leader, significant, _ = report.first(
+        "recall@20", {m: selected[m].test_mean["recall@20"] for m in ("a", "b")}
+    )
+    assert leader == "a" and significant
+
+
+def test_user_metrics_file_errors_name_the_row_and_field(tmp_path):
+    path = tmp_path / TEST_USERS_NAME
+    path.write_text("user,user_id,recall@20\n0,u0,0.5\n1,u1,abc\n")
+    with pytest.raises(DataFormatError, match=r"row 3, recall@20: not a number \('abc'\)"):
+        read_user_metrics(path)
+    path.write_text("user,user_id,recall@20\nx,u0,0.5\n")
+    with pytest.raises(DataFormatError, match="row 2, user: not an integer"):
+        read_user_metrics(path)
+    path.write_text("who,recall\n")
+    with pytest.raises(DataFormatError, match="expected a header"):
+        read_user_metrics(path)
+    with pytest.raises(DataFormatError, match="cannot read per-user metrics"):
+        read_user_metrics(tmp_path / "absent.csv")

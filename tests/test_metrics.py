@@ -12,6 +12,7 @@ from cm3_pyg.errors import ConfigError, DataFormatError
 from cm3_pyg.metrics import (
     METRIC_NAMES,
     FullRankingEvaluator,
+    PerUserMetrics,
     RankingSums,
     popularity_scores,
     ranking_metric_sums,
@@ -251,6 +252,33 @@ def test_evaluator_matches_single_batch(batch_size: int) -> None:
     assert_close(evaluator.evaluate(user_emb, item_emb), expected, tol=1e-9)
     # evaluate twice gives the same result (no state leaks between calls)
     assert_close(evaluator.evaluate(user_emb, item_emb), expected, tol=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4096])
+def test_per_user_metrics_match_the_reference_user_by_user(batch_size: int) -> None:
+    user_emb, item_emb, train, target, num_items = _evaluator_data(2)
+    ks = (1, 5, 10)
+    evaluator = FullRankingEvaluator(num_items, train, target, ks=ks, batch_size=batch_size)
+    got = evaluator.evaluate_per_user(user_emb, item_emb)
+    assert isinstance(got, PerUserMetrics)
+    assert torch.equal(got.users, torch.unique(target[0]))
+    assert list(got.values) == list(evaluator.evaluate(user_emb, item_emb))
+    scores = (user_emb @ item_emb.t()).tolist()
+    exclude, targets = pairs_to_set(train), pairs_to_set(target)
+    for row, user in enumerate(got.users.tolist()):
+        # the reference on this user alone: its mean is the user's own value
+        alone = reference_metrics(
+            [scores[user]],
+            {(0, i) for (u, i) in exclude if u == user},
+            {(0, i) for (u, i) in targets if u == user},
+            list(ks),
+        )
+        for key, value in alone.items():
+            assert math.isclose(float(got.values[key][row]), value, rel_tol=1e-12, abs_tol=1e-12)
+    # their mean is what evaluate reports
+    assert_close(got.averages(), evaluator.evaluate(user_emb, item_emb), tol=1e-12)
+    with pytest.raises(ValueError, match="must share d"):
+        evaluator.evaluate_per_user(user_emb[:, :3], item_emb)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 100])

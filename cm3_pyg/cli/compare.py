@@ -30,6 +30,7 @@ from cm3_pyg.experiments import (
     plot_results,
     run_comparison,
     select_best,
+    significance,
     summarize,
     write_results,
 )
@@ -258,7 +259,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         **({"overrides": ", ".join(args.overrides)} if args.overrides else {}),
         "epochs": _describe_per_model(*args.epochs, "config default (early stopping)"),
     }
-    paths = write_results(out, summaries, selected, meta)
+    try:
+        tests = significance(selected, records)
+        paths = write_results(out, summaries, selected, meta, significance=tests)
+    except (CM3Error, OSError) as exc:
+        return report_error(exc, "; finished runs are kept and reused next time")
     if plot_results(out / "results.png", selected):
         paths.append(out / "results.png")
     for model, s in selected.items():

@@ -1,10 +1,12 @@
-"""Multi-run experiments built on :mod:`cm3_pyg.training` (model comparisons over grids)."""
+"""Multi-run experiments built on :mod:`cm3_pyg.training`: model comparisons over grids,
+with paired significance tests, and the embedding analysis."""
 
 from cm3_pyg.experiments.compare import (
     GRID_MODES,
     REPORTED_METRICS,
     PointSummary,
     RunRecord,
+    SignificanceReport,
     choose_points,
     coordinate_point,
     grid_points,
@@ -14,6 +16,7 @@ from cm3_pyg.experiments.compare import (
     point_slug,
     run_comparison,
     select_best,
+    significance,
     summarize,
     write_results,
 )
@@ -23,6 +26,7 @@ __all__ = [
     "REPORTED_METRICS",
     "PointSummary",
     "RunRecord",
+    "SignificanceReport",
     "choose_points",
     "coordinate_point",
     "grid_points",
@@ -32,6 +36,7 @@ __all__ = [
     "point_slug",
     "run_comparison",
     "select_best",
+    "significance",
     "summarize",
     "write_results",
 ]

@@ -6,13 +6,17 @@ optionally capped by a budget; every point is trained once per seed with
 over the seeds, the best-scoring point is selected (ties: the earlier point, the defaults
 first), and its TEST metrics are reported as mean and sample standard deviation over the
 seeds. Test metrics never enter the selection (MMRec selects by test Recall@20, a leak).
+The selected points are then tested against each other pair by pair
+(:func:`significance`, over users and over seeds).
 
 Layout of an output folder::
 
-    results.md, results.csv     the selected point of each model
+    results.md, results.csv     the selected point of each model, with significance
+    significance.csv            every paired test (metric, over users/seeds, pair)
     grid.csv                    every point's validation score (mean/std over seeds)
     results.png                 bar chart of the selected points (only with matplotlib)
-    runs/<model>/<point>/seed<s>/metrics.json, epochs.csv (+ checkpoint.pt if kept)
+    runs/<model>/<point>/seed<s>/metrics.json, epochs.csv, test_users.csv, artifact.pt
+                                (+ checkpoint.pt if kept)
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from typing import Any
 from torch_geometric.data import HeteroData
 
 from cm3_pyg.data.hetero import content_hash
-from cm3_pyg.errors import ConfigError, NonFiniteLossError
+from cm3_pyg.errors import ConfigError, DataFormatError, NonFiniteLossError
+from cm3_pyg.experiments.significance import PairedTest, pairwise_tests
 from cm3_pyg.io import atomic_write_text
 from cm3_pyg.models import get_model_class
 from cm3_pyg.plotting import pyplot, save_figure
-from cm3_pyg.training import load_config, run_experiment
+from cm3_pyg.training import TEST_USERS_NAME, load_config, read_user_metrics, run_experiment
 from cm3_pyg.training.experiment import clear_run_folder
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "REPORTED_METRICS",
     "PointSummary",
     "RunRecord",
+    "SignificanceReport",
     "choose_points",
     "coordinate_point",
     "grid_points",
@@ -56,6 +62,7 @@ __all__ = [
     "point_slug",
     "run_comparison",
     "select_best",
+    "significance",
     "summarize",
     "write_results",
 ]
@@ -70,6 +77,10 @@ GRID_MODES = ("small", "full", "coordinate")
 #: Test metrics reported for the selected points.
 REPORTED_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SELECTION_METRIC = "recall@20"
+#: a difference is "significant" below this Holm-adjusted p-value
+SIGNIFICANCE_LEVEL = 0.05
+#: sign vectors of the randomisation test over users
+RANDOMIZATION_SAMPLES = 10_000
 
 Params = dict[str, Any]
 
@@ -532,6 +543,238 @@ def select_best(summaries: Sequence[PointSummary]) -> dict[str, PointSummary]:
     return best
 
 
+# --- significance -----------------------------------------------------------------------------
+
+
+@dataclass
+class SignificanceReport:
+    """Paired tests between the selected points of every pair of models.
+
+    ``users[metric]``: over the test users (each user's metric averaged over the seeds),
+    paired t-test with Holm's correction over the pairs and the sign-flip randomisation
+    test; ``seeds[metric]``: over the seeds both models ran (each seed's mean test metric),
+    paired t-test with Holm's correction. ``notes`` says which models or tests were left
+    out, and why.
+    """
+
+    users: dict[str, list[PairedTest]] = field(default_factory=dict)
+    seeds: dict[str, list[PairedTest]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    num_users: int = 0
+    seed_list: list[int] = field(default_factory=list)
+
+    def first(self, metric: str, means: Mapping[str, float]) -> tuple[str, bool, PairedTest | None]:
+        """``(leader, significant, closest)``: the model with the highest mean ``metric``,
+        whether it is significantly above every other model over users (Holm-adjusted
+        p < :data:`SIGNIFICANCE_LEVEL`), and its test against the least-separated rival."""
+        leader = max(means, key=lambda model: means[model])
+        against = [t for t in self.users.get(metric, []) if leader in (t.a, t.b)]
+        if not against:
+            return leader, False, None
+
+        # an untestable pair (NaN or no p-value) counts as the least separated, never significant
+        def separation(test: PairedTest) -> float:
+            p = test.p_adjusted
+            return math.inf if p is None or math.isnan(p) else p
+
+        closest = max(against, key=separation)
+        significant = len(against) == len(means) - 1 and all(
+            separation(t) < SIGNIFICANCE_LEVEL for t in against
+        )
+        return leader, significant, closest
+
+
+def _selected_runs(summary: PointSummary, records: Sequence[RunRecord]) -> list[RunRecord]:
+    return [
+        r
+        for r in records
+        if r.model == summary.model
+        and r.slug == summary.slug
+        and r.stop_reason != "non_finite_loss"
+    ]
+
+
+def significance(
+    selected: Mapping[str, PointSummary],
+    records: Sequence[RunRecord],
+    metrics: Sequence[str] = REPORTED_METRICS,
+    randomization_samples: int = RANDOMIZATION_SAMPLES,
+) -> SignificanceReport:
+    """Paired tests between the selected points (:class:`SignificanceReport`), from the
+    runs' ``test_users.csv`` (per-user test metrics) and ``metrics.json`` test values.
+
+    A model whose runs lack ``test_users.csv`` (runs made before it existed) is left out of
+    the tests over users and named in the notes; the tests over seeds use the seeds every
+    compared model ran.
+    """
+    report = SignificanceReport()
+    per_model: dict[str, dict[str, Any]] = {}
+    users_of: dict[str, list[int]] = {}
+    for model, summary in selected.items():
+        runs = _selected_runs(summary, records)
+        tables = []
+        for run in runs:
+            file = Path(run.path or "") / TEST_USERS_NAME
+            if run.path is None or not file.exists():
+                tables = []
+                break
+            tables.append(read_user_metrics(file))
+        if not tables:
+            report.notes.append(
+                f"{model}: its runs have no {TEST_USERS_NAME}; not tested over users"
+            )
+            continue
+        users = tables[0].users.tolist()
+        if any(t.users.tolist() != users for t in tables[1:]):
+            raise DataFormatError(
+                f"{model}: its seeds' {TEST_USERS_NAME} hold different test users"
+            )
+        missing = [m for m in metrics if m not in tables[0].values]
+        if missing:
+            report.notes.append(
+                f"{model}: {TEST_USERS_NAME} lacks {missing}; not tested over users"
+            )
+            continue
+        users_of[model] = users
+        per_model[model] = {m: sum(t.values[m] for t in tables) / len(tables) for m in metrics}
+    if len(set(map(tuple, users_of.values()))) > 1:
+        report.notes.append("the models' runs evaluated different test users: no test over users")
+        per_model = {}
+    if len(per_model) >= 2:
+        report.num_users = len(next(iter(users_of.values())))
+        for metric in metrics:
+            samples = {model: values[metric] for model, values in per_model.items()}
+            report.users[metric] = pairwise_tests(samples, randomization_samples)
+
+    seed_sets = [{r.seed for r in _selected_runs(s, records)} for s in selected.values()]
+    common = sorted(set.intersection(*seed_sets)) if seed_sets else []
+    report.seed_list = common
+    if len(common) < 2:
+        report.notes.append("fewer than two seeds shared by every model: no test over seeds")
+    elif len(selected) >= 2:
+        for metric in metrics:
+            samples = {}
+            for model, summary in selected.items():
+                by_seed = {r.seed: r.test.get(metric) for r in _selected_runs(summary, records)}
+                if all(by_seed.get(seed) is not None for seed in common):
+                    samples[model] = [float(by_seed[seed]) for seed in common]
+            report.seeds[metric] = pairwise_tests(samples)
+    return report
+
+
+def _p(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if value == 0.0:  # below the smallest float
+        return "<1e-300"
+    return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def _significance_lines(
+    report: SignificanceReport, selected: Mapping[str, PointSummary], short: Callable[[str], str]
+) -> list[str]:
+    lines = [
+        "",
+        "## Significance of the differences (paired, two-sided)",
+        "",
+        f"Over users: each of the {report.num_users} test users' metric averaged over the seeds, "
+        'paired t-test with Holm\'s correction over all pairs of models ("p Holm") and a '
+        f"sign-flip randomisation test ({RANDOMIZATION_SAMPLES} sign vectors); effect size "
+        "Cohen's d_z = mean difference / its standard deviation. Over seeds: the seeds' mean "
+        f"test metrics paired by seed ({', '.join(map(str, report.seed_list)) or 'none'}), "
+        f"paired t-test with Holm's correction. Significant: Holm-adjusted p < "
+        f"{SIGNIFICANCE_LEVEL} over users.",
+        "",
+    ]
+    lines += [f"- {note}" for note in report.notes]
+    if report.notes:
+        lines.append("")
+    for metric in report.users or report.seeds:
+        means = {m: s.test_mean[metric] for m, s in selected.items() if metric in s.test_mean}
+        if not report.users.get(metric):
+            continue
+        tested = {t.a for t in report.users[metric]} | {t.b for t in report.users[metric]}
+        leader, significant, closest = report.first(
+            metric, {m: v for m, v in means.items() if m in tested}
+        )
+        p_closest = _p(closest.p_adjusted if closest else None)
+        if significant:
+            claim = (
+                f"**{leader} is first**, significantly above every other model "
+                f"(largest Holm-adjusted p {p_closest})"
+            )
+        else:
+            rival = "" if closest is None else (closest.b if closest.a == leader else closest.a)
+            claim = (
+                f"{leader} has the highest mean but is **not significantly first** "
+                f"(against {rival}: Holm-adjusted p {p_closest})"
+            )
+        lines.append(f"- test {short(metric)}: {claim}")
+    lines.append("")
+    seeds_of = {(t.a, t.b, metric): t for metric, tests in report.seeds.items() for t in tests}
+    lines += [
+        "| metric | model A | model B | A - B | d_z | p (users) | p Holm | p random "
+        "| p (seeds) | p Holm (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for metric in report.users or report.seeds:
+        pairs = report.users.get(metric) or report.seeds.get(metric) or []
+        for test in pairs:
+            over_seeds = seeds_of.get((test.a, test.b, metric))
+            from_users = metric in report.users
+            lines.append(
+                f"| {short(metric)} | {test.a} | {test.b} | {test.mean_difference:+.4f} "
+                f"| {test.effect_size:+.3f} | {_p(test.p_value if from_users else None)} "
+                f"| {_p(test.p_adjusted if from_users else None)} "
+                f"| {_p(test.p_randomization if from_users else None)} "
+                f"| {_p(over_seeds.p_value if over_seeds else None)} "
+                f"| {_p(over_seeds.p_adjusted if over_seeds else None)} |"
+            )
+    return lines
+
+
+def _significance_rows(report: SignificanceReport) -> list[list[Any]]:
+    rows = []
+    for over, family in (("users", report.users), ("seeds", report.seeds)):
+        for metric, tests in family.items():
+            for t in tests:
+                rows.append(
+                    [
+                        metric,
+                        over,
+                        t.a,
+                        t.b,
+                        t.n,
+                        t.mean_a,
+                        t.mean_b,
+                        t.mean_difference,
+                        t.effect_size,
+                        t.t_statistic,
+                        t.p_value,
+                        t.p_adjusted,
+                        "" if t.p_randomization is None else t.p_randomization,
+                    ]
+                )
+    return rows
+
+
+SIGNIFICANCE_HEADER = [
+    "metric",
+    "over",
+    "model_a",
+    "model_b",
+    "n",
+    "mean_a",
+    "mean_b",
+    "mean_difference",
+    "effect_size_dz",
+    "t",
+    "p",
+    "p_holm",
+    "p_randomization",
+]
+
+
 # --- outputs ----------------------------------------------------------------------------------
 
 
@@ -552,14 +795,20 @@ def write_results(
     summaries: Sequence[PointSummary],
     selected: Mapping[str, PointSummary],
     meta: Mapping[str, Any] | None = None,
+    significance: SignificanceReport | None = None,
 ) -> list[Path]:
-    """Write ``results.md``, ``results.csv`` and ``grid.csv``; returns their paths.
+    """Write ``results.md``, ``results.csv`` and ``grid.csv`` (and, with ``significance``,
+    ``significance.csv``); returns their paths.
 
     Args:
         out_dir: the comparison's folder.
         summaries: every point (:func:`summarize`).
         selected: the chosen point per model (:func:`select_best`), in report order.
         meta: shown at the top of ``results.md`` (dataset, seeds, grid mode, ...).
+        significance: the paired tests (:func:`significance`): a section of
+            ``results.md`` (with a "first" claim only where it is significant), every test
+            in ``significance.csv``, and per model in ``results.csv`` the Holm-adjusted
+            p-value and effect size against the model with the highest mean.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -607,6 +856,8 @@ def write_results(
             f"| {s.model} | {describe_point(s.point)}{mark} | {_pm(s.valid_mean, s.valid_std)} "
             f"| {len(s.seeds)} | {s.failed} |"
         )
+    if significance is not None:
+        lines += _significance_lines(significance, selected, short)
     paths = [out / "results.md", out / "results.csv", out / "grid.csv"]
     atomic_write_text(paths[0], "\n".join(lines) + "\n")
 
@@ -621,6 +872,19 @@ def write_results(
     for key in REPORTED_METRICS:
         header += [f"test_{key}_mean", f"test_{key}_std"]
     header.append("seconds_per_epoch_median")
+    versus: dict[str, dict[str, PairedTest]] = {}  # metric -> model -> test against the leader
+    if significance is not None:
+        for key in REPORTED_METRICS:
+            tests = significance.users.get(key, [])
+            tested = {t.a for t in tests} | {t.b for t in tests}
+            means = {m: s.test_mean[key] for m, s in selected.items() if m in tested}
+            if not means:
+                continue
+            leader = max(means, key=lambda m: means[m])
+            versus[key] = {
+                (t.b if t.a == leader else t.a): t for t in tests if leader in (t.a, t.b)
+            }
+            header += [f"test_{key}_p_holm_vs_best", f"test_{key}_effect_dz_vs_best"]
     rows = []
     for model, s in selected.items():
         row = [
@@ -634,6 +898,13 @@ def write_results(
         for key in REPORTED_METRICS:
             row += [s.test_mean[key], s.test_std[key]]
         row.append(s.seconds_per_epoch)
+        for against in versus.values():
+            test = against.get(model)
+            if test is None:  # the leader itself, or a model not tested over users
+                row += ["", ""]
+            else:  # the effect of this model against the leader (negative: below it)
+                sign = 1.0 if test.a == model else -1.0
+                row += [test.p_adjusted, sign * test.effect_size]
         rows.append(row)
     atomic_write_text(paths[1], _csv_text(header, rows))
 
@@ -661,6 +932,11 @@ def write_results(
         for s in summaries
     ]
     atomic_write_text(paths[2], _csv_text(grid_header, grid_rows))
+    if significance is not None:
+        paths.append(out / "significance.csv")
+        atomic_write_text(
+            paths[3], _csv_text(SIGNIFICANCE_HEADER, _significance_rows(significance))
+        )
     return paths
 
 

@@ -15,6 +15,7 @@ from cm3_pyg.training.trainer import (
     Trainer,
     seed_everything,
 )
+from cm3_pyg.training.user_metrics import TEST_USERS_NAME, read_user_metrics, write_user_metrics
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -24,6 +25,7 @@ __all__ = [
     "NegativeSampler",
     "NonFiniteLossError",
     "Splits",
+    "TEST_USERS_NAME",
     "TrainedRun",
     "Trainer",
     "atomic_torch_save",
@@ -34,8 +36,10 @@ __all__ = [
     "load_config",
     "load_run",
     "parse_overrides",
+    "read_user_metrics",
     "run_experiment",
     "save_checkpoint",
     "seed_everything",
     "training_defaults",
+    "write_user_metrics",
 ]

@@ -43,6 +43,7 @@ from cm3_pyg.training.trainer import (
     Trainer,
     seed_everything,
 )
+from cm3_pyg.training.user_metrics import TEST_USERS_NAME, write_user_metrics
 
 __all__ = ["EpochCSV", "atomic_write_text", "popularity_baseline", "run_experiment"]
 
@@ -100,7 +101,7 @@ def popularity_baseline(data: HeteroData, config: dict[str, Any]) -> dict[str, d
 
 def _remove_stale_temporaries(folder: Path) -> None:
     """Delete temporary files a killed run left behind (see :func:`cm3_pyg.io.atomic_write`)."""
-    for name in (CHECKPOINT_NAME, "metrics.json", "epochs.csv"):
+    for name in (CHECKPOINT_NAME, "metrics.json", "epochs.csv", TEST_USERS_NAME):
         for tmp in folder.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -112,6 +113,7 @@ RUN_FILES = (
     "metrics.json",
     "epochs.csv",
     ARTIFACT_NAME,
+    TEST_USERS_NAME,
     "curves.png",
     "retain.pt",
     "unlearn.json",
@@ -153,8 +155,10 @@ def run_experiment(
         data: the dataset (layout of ``docs/architecture.md``).
         model_name: a registered model.
         config: the full configuration (:func:`~cm3_pyg.training.load_config`).
-        out_dir: where ``metrics.json``, ``epochs.csv``, ``checkpoint.pt`` (the last epoch) and
-            ``artifact.pt`` (the best validation epoch, for inference) go.
+        out_dir: where ``metrics.json``, ``epochs.csv``, ``checkpoint.pt`` (the last epoch),
+            ``artifact.pt`` (the best validation epoch, for inference) and ``test_users.csv``
+            (every test user's metrics at that epoch, :mod:`~cm3_pyg.training.user_metrics`)
+            go.
         dataset_name: recorded in the outputs (and checked on resume).
         progress: per-epoch progress bars.
         resume: continue from ``out_dir/checkpoint.pt``; the checkpoint must come from the
@@ -364,6 +368,15 @@ def _run_experiment(
             metrics["cold"] = cold_start_report(
                 data, embeddings[0], embeddings[1], inputs.modalities, config["topk"]
             )
+    if artifact_path is not None and artifact_path.exists():
+        # every test user's metrics at the best epoch (the artifact's embeddings), for paired
+        # significance tests between runs; their means are metrics["test"]
+        stored = load_artifact(artifact_path)
+        per_user = trainer.test_evaluator.evaluate_per_user(
+            stored.user_embeddings, stored.item_embeddings
+        )
+        assert out_path is not None
+        write_user_metrics(out_path / TEST_USERS_NAME, per_user, user_ids.external)
     if failure is not None:
         metrics["error"] = str(failure)
         # The value as a string: JSON has no NaN/Infinity.
