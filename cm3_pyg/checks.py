@@ -29,7 +29,25 @@ __all__ = [
     "check_number",
     "check_probability_tensor",
     "check_tensor",
+    "type_noun",
 ]
+
+#: how an error names the type a value must have, by the type's name
+_TYPE_NOUNS = {
+    "bool": "a boolean",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+}
+
+
+def type_noun(type_name: str) -> str:
+    """``"an integer"`` for ``"int"``, ``"a number"`` for ``"float"``, ... (``"a value"`` for
+    a type it does not know)."""
+    return _TYPE_NOUNS.get(type_name, "a value")
+
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from cm3_pyg.checks import Range, check_choice, check_ids
+from cm3_pyg.checks import Range, check_choice, check_ids, type_noun
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.nn.objectives import make_objective, objective_names
 from cm3_pyg.nn.rows import RowTable
@@ -713,10 +713,6 @@ def _annotation_types(param: inspect.Parameter) -> tuple[list[str], bool]:
     return [p for p in parts if p != "None"], "None" in parts
 
 
-#: how a config error names an annotation's type (the YAML reader's wording)
-_EXPECTED_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string"}
-
-
 def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
     """``value`` checked against ``param``'s annotation (``int``, ``float``, ``bool``,
     ``str``, optionally ``| None``); ints become floats for float arguments."""
@@ -731,7 +727,7 @@ def _coerce(value: Any, param: inspect.Parameter, key: str) -> Any:
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()
     if not isinstance(value, allowed):
-        expected = _EXPECTED_NAMES.get(names[0], names[0]) + (" or null" if optional else "")
+        expected = type_noun(names[0]) + (" or null" if optional else "")
         raise ValueError(
             f"config key {key!r} expects {expected} (like the default {param.default!r}), "
             f"got {value!r}"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from cm3_pyg.checks import type_noun
 from cm3_pyg.data.graphs import modality_weights
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.metrics import METRIC_NAMES
@@ -79,17 +80,6 @@ def _compatible(default: Any, value: Any) -> bool:
     return True
 
 
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), "mapping" if isinstance(value, dict) else "value")
-
-
-def _article(noun: str) -> str:
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
 def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``base`` updated with ``layer``.
 
@@ -105,7 +95,7 @@ def merge_config(base: Mapping[str, Any], layer: Mapping[str, Any], source: str)
             value = float(value)
         if not _compatible(base[key], value):
             raise ConfigError(
-                f"{source}: key {key!r} expects {_article(_type_name(base[key]))} "
+                f"{source}: key {key!r} expects {type_noun(type(base[key]).__name__)} "
                 f"(like the default {base[key]!r}), got {value!r}"
             )
         if isinstance(base[key], float) and isinstance(value, int):

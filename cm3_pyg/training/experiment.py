@@ -359,23 +359,19 @@ def _run_experiment(
         "epoch_seconds": result.epoch_seconds,
         "popularity": popularity_baseline(data, config),
     }
-    if cold:
-        embeddings = best.get("embeddings")
-        if embeddings is None and artifact_path is not None and artifact_path.exists():
-            stored = load_artifact(artifact_path)  # resumed after the best epoch
-            embeddings = (stored.user_embeddings, stored.item_embeddings)
-        if embeddings is not None:
-            metrics["cold"] = cold_start_report(
-                data, embeddings[0], embeddings[1], inputs.modalities, config["topk"]
-            )
-    if artifact_path is not None and artifact_path.exists():
-        # every test user's metrics at the best epoch (the artifact's embeddings), for paired
-        # significance tests between runs; their means are metrics["test"]
+    # the best epoch's embeddings: kept in memory (cold runs), else read once from the artifact
+    embeddings = best.get("embeddings")
+    if embeddings is None and artifact_path is not None and artifact_path.exists():
         stored = load_artifact(artifact_path)
-        per_user = trainer.test_evaluator.evaluate_per_user(
-            stored.user_embeddings, stored.item_embeddings
+        embeddings = (stored.user_embeddings, stored.item_embeddings)
+    if cold and embeddings is not None:
+        metrics["cold"] = cold_start_report(
+            data, embeddings[0], embeddings[1], inputs.modalities, config["topk"]
         )
-        assert out_path is not None
+    if out_path is not None and embeddings is not None:
+        # every test user's metrics at the best epoch, for paired significance tests between
+        # runs; their means are metrics["test"]
+        per_user = trainer.test_evaluator.evaluate_per_user(*embeddings)
         write_user_metrics(out_path / TEST_USERS_NAME, per_user, user_ids.external)
     if failure is not None:
         metrics["error"] = str(failure)
