@@ -1,9 +1,16 @@
-"""Time the public reference implementation of CM3 on this machine.
+"""Time a public reference implementation (CM3, or any model of an MMRec-framework
+repository) on this machine.
 
     python -m benchmarks.reference_cm3 --reference-dir ~/src/CM3 --scale tiktok --epochs 2
+    python -m benchmarks.reference_cm3 --reference-dir ~/src/MMRec --model FREEDOM --scale baby
 
-The reference (github.com/enoche/CM3, built on the MMRec framework) is never part of this
-repository. The caller names a checkout of it (the folder that holds ``src/``); each run
+The reference (github.com/enoche/CM3, and for the other models github.com/enoche/MMRec,
+enoche/LIRDRec and bruno686/SEA, all built on the MMRec framework) is never part of this
+repository. ``model`` names the reference's model class (``src/models/<name>.py``, matched
+without regard to case, as SEA ships ``SEA.py`` where the framework imports ``sea``), and
+``config`` gives single values for the keys its YAML lists as a search grid.
+
+The caller names a checkout (the folder that holds ``src/``); each run
 copies that checkout into a fresh temporary folder, lays out a dataset there in the
 reference's own format (symlinks to the real interaction and feature files, or generated
 features), and runs the reference's own code in a subprocess whose working directory is
@@ -36,6 +43,11 @@ without touching the model or training code (see ``_DRIVER``):
   and plotting code that CM3 never calls; whichever of them is not installed is stubbed
   in ``sys.modules`` (a stub raises if anything in it is actually used).
 * the device is forced to the CPU through the config (``use_gpu: False``).
+* a model file whose name differs from the lower-cased class name only in case is copied
+  to the lower-cased name in the run's copy of the checkout (the framework imports
+  ``models.<name.lower()>``).
+* ``wandb`` (imported by SEA's trainer for logging the driver never calls) is stubbed
+  like the image packages when it is not installed.
 * on the CPU the reference's ``result_embed`` stays an ``nn.Parameter`` after
   ``.to(device)`` (on CUDA ``.to`` returns a plain tensor), so it would be registered as a
   parameter and the forward pass's plain-tensor assignment to it would fail; right after
@@ -218,7 +230,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__path__ = []
 
 
-_stubbed = [m for m in ("torchvision", "PIL", "lmdb", "matplotlib")
+_stubbed = [m for m in ("torchvision", "PIL", "lmdb", "matplotlib", "wandb")
             if importlib.util.find_spec(m) is None]
 if _stubbed:
     sys.meta_path.insert(0, _StubFinder(_stubbed))
@@ -234,7 +246,7 @@ from utils.utils import get_model, get_trainer, init_seed  # noqa: E402
 
 t0 = time.perf_counter()
 # compat 4: use_gpu False in the config dict -> the reference's Config picks the CPU.
-config = Config("CM3", ARGS["dataset"], dict(ARGS["config"]))
+config = Config(ARGS["model"], ARGS["dataset"], dict(ARGS["config"]))
 fixes.append(f"config use_gpu=False -> device {config['device']}")
 dataset = RecDataset(config)
 train_ds, valid_ds, test_ds = dataset.split()
@@ -321,17 +333,24 @@ print(RESULT_PREFIX + json.dumps({
 """
 
 
-def check_reference_dir(reference_dir: str | os.PathLike[str]) -> Path:
-    """Return ``reference_dir`` as a resolved path, or raise if it is no CM3 reference checkout."""
-    root = Path(reference_dir).expanduser()
-    model_file = root / "src" / "models" / "cm3.py"
-    if not model_file.is_file():
+def reference_model_file(reference_dir: str | os.PathLike[str], model: str = "CM3") -> Path:
+    """``src/models/<model>.py`` of a checkout, its name matched without regard to case."""
+    folder = Path(reference_dir).expanduser() / "src" / "models"
+    wanted = f"{model.lower()}.py"
+    matches = sorted(f for f in folder.glob("*.py") if f.name.lower() == wanted)
+    if not matches:
         raise FileNotFoundError(
-            f"reference dir {str(root)!r} is not a checkout of the CM3 reference "
-            "(github.com/enoche/CM3): expected the folder that contains src/, with "
-            f"{str(model_file)!r} in it"
+            f"reference dir {str(Path(reference_dir).expanduser())!r} is not a checkout of an "
+            f"MMRec-framework repository with model {model!r}: expected the folder that "
+            f"contains src/, with {str(folder / wanted)!r} (any case) in it"
         )
-    return root.resolve()
+    return matches[0]
+
+
+def check_reference_dir(reference_dir: str | os.PathLike[str], model: str = "CM3") -> Path:
+    """Return ``reference_dir`` as a resolved path, or raise if it lacks ``model``'s file."""
+    reference_model_file(reference_dir, model)
+    return Path(reference_dir).expanduser().resolve()
 
 
 def _num_items(inter_file: Path) -> int:
@@ -436,12 +455,15 @@ def time_reference(
     feature_seed: int = BABY_FEATURE_SEED,
     timeout: float | None = None,
     verbose: bool = False,
+    model: str = "CM3",
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Time the reference CM3 (a copy of ``reference_dir``) on ``scale`` in a subprocess.
+    """Time a reference model (a copy of ``reference_dir``) on ``scale`` in a subprocess.
 
     Args:
-        reference_dir: a checkout of github.com/enoche/CM3 (the folder containing ``src/``).
-            It is copied, never modified.
+        reference_dir: a checkout of github.com/enoche/CM3, or of another MMRec-framework
+            repository holding ``model`` (the folder containing ``src/``). It is copied,
+            never modified.
         scale: ``"tiktok"`` (real TikTok) or ``"baby"`` (real Baby graph, generated features).
         epochs: training epochs to time, after the model is built.
         threads: ``torch.set_num_threads`` in the subprocess (default: torch's default).
@@ -453,6 +475,10 @@ def time_reference(
         feature_seed: seed of the generated ``baby`` features.
         timeout: seconds after which the subprocess is killed (default: none).
         verbose: let the subprocess's progress log through to this process's stderr.
+        model: the reference's model class name (``src/models/<model>.py``, any case).
+        config: the run's configuration over the reference's YAMLs (default: CM3's
+            :data:`REFERENCE_CONFIG`); it must give one value for every grid key of the
+            model's YAML. ``seed`` and ``hyper_parameters`` default to 999 and ``[seed]``.
 
     Returns:
         A JSON-able dict: ``scale``, ``epoch_seconds``, ``median_epoch_seconds``,
@@ -463,7 +489,11 @@ def time_reference(
         FileNotFoundError: ``reference_dir`` is no CM3 checkout, or the data is missing.
         RuntimeError: the reference failed; the message carries the end of its output.
     """
-    ref = check_reference_dir(reference_dir)
+    ref = check_reference_dir(reference_dir, model)
+    model_file = reference_model_file(ref, model)
+    run_config = dict(REFERENCE_CONFIG if config is None else config)
+    run_config.setdefault("seed", 999)
+    run_config.setdefault("hyper_parameters", ["seed"])
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if epochs < 1:
@@ -482,13 +512,16 @@ def time_reference(
     try:
         shutil.copytree(ref, run_dir / "reference", ignore=shutil.ignore_patterns(*_COPY_IGNORE))
         src = run_dir / "reference" / "src"
+        own_name = src / "models" / f"{model.lower()}.py"
+        if not own_name.exists():  # compat: the framework imports models.<name.lower()>
+            shutil.copyfile(src / "models" / model_file.name, own_name)
         data_dir = run_dir / "data"
         dataset, inter_file = _prepare_data(scale, root, data_dir, feature_seed)
         (src / "configs" / "dataset" / f"{dataset}.yaml").write_text(_dataset_yaml(inter_file))
         driver = run_dir / "driver.py"
         driver.write_text(_DRIVER)
-        config = dict(REFERENCE_CONFIG)
-        config.update(
+        child_config = dict(run_config)
+        child_config.update(
             {
                 "use_gpu": False,
                 "gpu_id": 0,
@@ -498,8 +531,9 @@ def time_reference(
             }
         )
         args = {
+            "model": model,
             "dataset": dataset,
-            "config": config,
+            "config": child_config,
             "epochs": epochs,
             "threads": threads,
             "evaluate": evaluate,
@@ -527,8 +561,8 @@ def time_reference(
     finally:
         if cleanup is not None:
             cleanup.cleanup()
-    model_file = ref / "src" / "models" / "cm3.py"
     return {
+        "model": model,
         "scale": scale,
         "dataset": dataset,
         "epoch_seconds": child["epoch_seconds"],
@@ -549,13 +583,28 @@ def time_reference(
         "numpy_version": child["numpy_version"],
         "pandas_version": child["pandas_version"],
         "device": child["device"],
-        "config": REFERENCE_CONFIG,
+        "config": run_config,
         "feature_seed": feature_seed if scale == "baby" else None,
         "compat_fixes": child["compat_fixes"],
         "reference_dir": str(ref),
-        "reference_cm3_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
+        "reference_model_file": model_file.name,
+        "reference_model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
         "run_dir": None if cleanup is not None else str(run_dir),
     }
+
+
+def _cli_config(model: str, pairs: Sequence[str]) -> dict[str, Any] | None:
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key] = yaml.safe_load(raw)
+    if model.lower() == "cm3":
+        return {**REFERENCE_CONFIG, **values}
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -563,6 +612,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--reference-dir", required=True, help="checkout of enoche/CM3 (containing src/)"
+    )
+    parser.add_argument("--model", default="CM3", help="the reference's model class name")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config value (YAML) over CM3's REFERENCE_CONFIG, or for another --model over "
+        "its YAMLs (repeatable)",
     )
     parser.add_argument("--scale", choices=SCALES, default="tiktok")
     parser.add_argument("--epochs", type=int, default=2)
@@ -587,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_seed=args.feature_seed,
         timeout=args.timeout,
         verbose=args.verbose,
+        model=args.model,
+        config=_cli_config(args.model, args.set),
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -490,13 +490,13 @@ class FullRankingEvaluator:
 
     def _accumulate(
         self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
-    ) -> dict[str, float]:
+    ) -> RankingSums:
         total: RankingSums | None = None
         for _, scores, exc, tgt in self._scored_batches(score_batch, check_nan):
             part = _metric_sums_unchecked(scores, exc, tgt, self.ks, copy=copy)
             total = part if total is None else total + part
         assert total is not None  # __init__ guarantees at least one batch
-        return total.averages()
+        return total
 
     def _per_user(
         self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
@@ -525,6 +525,12 @@ class FullRankingEvaluator:
         Returns:
             The averaged metrics, keys as in :func:`ranking_metrics`.
         """
+        return self.evaluate_sums(user_emb, item_emb).averages()
+
+    @torch.no_grad()
+    def evaluate_sums(self, user_emb: Tensor, item_emb: Tensor) -> RankingSums:
+        """The :class:`RankingSums` whose averages :meth:`evaluate` returns: sums of
+        evaluators over disjoint user sets add up (distributed evaluation does so)."""
         item_t = self._check_embeddings(user_emb, item_emb)
         # The matmul output is fresh, so masking may write into it (copy=False); finite
         # embeddings were checked, so the per-batch NaN scan is skipped.
@@ -583,7 +589,7 @@ class FullRankingEvaluator:
         Returns:
             The averaged metrics, keys as in :func:`ranking_metrics`.
         """
-        return self._accumulate(score_fn, copy=True)
+        return self._accumulate(score_fn, copy=True).averages()
 
 
 def popularity_scores(train_edge_index: Tensor, num_items: int) -> Tensor:

@@ -23,10 +23,20 @@ def test_missing_reference_dir_names_path_and_expectation(tmp_path: Path) -> Non
 def test_reference_dir_without_model_file_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "src" / "models").mkdir(parents=True)
     (tmp_path / "src" / "main.py").write_text("")
-    with pytest.raises(FileNotFoundError, match="not a checkout of the CM3 reference"):
+    with pytest.raises(FileNotFoundError, match="with model 'CM3'"):
         check_reference_dir(tmp_path)
     (tmp_path / "src" / "models" / "cm3.py").write_text("")
     assert check_reference_dir(tmp_path) == tmp_path.resolve()
+
+
+def test_model_file_is_matched_without_regard_to_case(tmp_path: Path) -> None:
+    from benchmarks.reference_cm3 import reference_model_file
+
+    (tmp_path / "src" / "models").mkdir(parents=True)
+    (tmp_path / "src" / "models" / "SEA.py").write_text("")  # as bruno686/SEA ships it
+    assert reference_model_file(tmp_path, "SEA").name == "SEA.py"
+    with pytest.raises(FileNotFoundError, match="with model 'BM3'"):
+        reference_model_file(tmp_path, "BM3")
 
 
 def test_bad_scale_and_epochs_are_rejected_before_running(tmp_path: Path) -> None:

@@ -203,6 +203,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        print(
+            "error: compare runs its grid in one process (every process would write the same "
+            "results); start single runs on several processes with torchrun ... train",
+            file=sys.stderr,
+        )
+        return 2
     retain_freed_memory()  # an application-level allocator choice; see cm3_pyg.training.memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]

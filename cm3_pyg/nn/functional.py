@@ -13,6 +13,7 @@ from torch import Tensor
 from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, rows, use_kernel
+from cm3_pyg.nn.parallel import active_split, gather_rows
 
 __all__ = ["WIDE_INPUT_FEATURES", "feature_linear", "normalize_rows", "normalized_concat"]
 
@@ -105,7 +106,8 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     :data:`~cm3_pyg.nn.kernels.WIDE_INPUT_FEATURES` on CPU the weight gradient is computed
     as :math:`(x^\top g)^\top` (autograd forms :math:`g^\top x`, the weight's own layout):
     with MKL that GEMM layout was the faster one for wide feature tables such as 4096-d
-    images (BENCHMARKS.md); for narrower inputs autograd's is kept.
+    images (BENCHMARKS.md); for narrower inputs autograd's is kept. Inside
+    :func:`cm3_pyg.nn.parallel.split_rows` each process computes its block of rows.
 
     Args:
         x: ``[N, D]``.
@@ -133,6 +135,14 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
             f"feature_linear: x, weight and bias must share one dtype, got {x.dtype} and "
             f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}")
         )
+    split = active_split()
+    if split is not None:  # row-parallel (cm3_pyg.nn.parallel): this process's rows
+        start, end = split.bounds(x.size(0))
+        return gather_rows(_feature_linear(x[start:end], weight, bias), x.size(0), split)
+    return _feature_linear(x, weight, bias)
+
+
+def _feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if not use_kernel("feature_linear", x):
         return reference.feature_linear(x, weight, bias)
     return rows.feature_linear(x, weight, bias)

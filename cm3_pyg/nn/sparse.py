@@ -38,6 +38,7 @@ from cm3_pyg.checks import check_int, check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import spmm as csr_kernels
 from cm3_pyg.nn.kernels import use_kernel
+from cm3_pyg.nn.parallel import active_split, gather_rows, row_bounds
 from cm3_pyg.typing import WITH_TORCH_SPARSE
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class SparseAdjacency:
         self.symmetric = symmetric
         self._csr_pair: tuple[Tensor, Tensor] | None = None
         self._bipartite: dict[int, tuple[Tensor, Tensor] | None] = {}
+        self._row_blocks: dict[tuple[int, int], SparseAdjacency] = {}
         self._product: Callable[[Tensor], Tensor] = self._build()
 
     def _build(self) -> Callable[[Tensor], Tensor]:
@@ -195,17 +197,45 @@ class SparseAdjacency:
         return self.shape if dim is None else self.shape[dim]
 
     def matmul(self, x: Tensor) -> Tensor:
-        """``A @ x`` for ``x`` ``[C, F]``."""
+        """``A @ x`` for ``x`` ``[C, F]`` (inside :func:`cm3_pyg.nn.parallel.split_rows`:
+        this process's block of rows, then every process's)."""
         check_tensor(x, "adjacency matmul: x", dims=2, floating=True)
         if x.size(0) != self.shape[1]:
             raise ValueError(
                 f"adjacency of shape {list(self.shape)} cannot multiply x with {x.size(0)} rows"
             )
+        split = active_split()
+        if split is not None:
+            # row-parallel (cm3_pyg.nn.parallel): this process's rows, then all of them
+            block = self.row_block(split.rank, split.world_size)
+            return gather_rows(block._local_matmul(x), self.shape[0], split)
+        return self._local_matmul(x)
+
+    __matmul__ = matmul
+
+    def _local_matmul(self, x: Tensor) -> Tensor:
         if use_kernel("sparse_product", x, backend=self.backend):
             return self._product(x)
         return reference.sparse_matmul(self, x)
 
-    __matmul__ = matmul
+    def row_block(self, rank: int, world_size: int) -> SparseAdjacency:
+        """Process ``rank``'s block of rows (:func:`cm3_pyg.nn.parallel.row_bounds`) as an
+        ``[end - start, C]`` adjacency of the same backend (cached)."""
+        key = (rank, world_size)
+        if key not in self._row_blocks:
+            start, end = row_bounds(self.shape[0], rank, world_size)
+            # entries are row-major sorted: the block's entries are one slice
+            lo, hi = torch.searchsorted(self.row, torch.tensor([start, end], device=self.device))
+            lo, hi = int(lo), int(hi)
+            self._row_blocks[key] = SparseAdjacency(
+                self.row[lo:hi] - start,
+                self.col[lo:hi],
+                self.value[lo:hi],
+                (end - start, self.shape[1]),
+                self.backend,
+                symmetric=False,
+            )
+        return self._row_blocks[key]
 
     def propagate(self, x: Tensor, num_layers: int, combine: str = "sum") -> Tensor:
         r"""``combine(x, A x, ..., A^L x)`` with ``combine`` ``"sum"``, ``"mean"`` or ``"last"``.
@@ -217,6 +247,8 @@ class SparseAdjacency:
         :func:`~cm3_pyg.nn.use_reference_math`.
         """
         self._check_propagation(x, num_layers, combine)
+        if active_split() is not None:  # row-parallel: each layer's product is divided
+            return combine_layers(self.matmul, x, num_layers, combine)
         if use_kernel("csr_layer_sum", x, backend=self.backend) and self._csr_pair is not None:
             matrix, matrix_t = self._csr_pair
             return csr_kernels.csr_layer_sum(matrix, matrix_t, x, num_layers, combine)
@@ -295,7 +327,11 @@ class SparseAdjacency:
                 f"to {int(users.max())}"
             )
         blocks = None
-        if num_layers > 0 and use_kernel("csr_batch_rows", x, backend=self.backend):
+        if (
+            num_layers > 0
+            and active_split() is None  # row-parallel: the full, divided propagation
+            and use_kernel("csr_batch_rows", x, backend=self.backend)
+        ):
             blocks = self._bipartite_blocks(num_users)
         if blocks is None:
             out = self.propagate(x, num_layers, combine)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from cm3_pyg.errors import CheckpointError, ConfigError, NonFiniteLossError
 from cm3_pyg.io import FolderLock, atomic_write_text
 from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
+from cm3_pyg.models.base import GraphInputs
+from cm3_pyg.nn.sparse import SparseAdjacency
 from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, load_artifact, save_artifact
 from cm3_pyg.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -35,6 +38,7 @@ from cm3_pyg.training.checkpoint import (
 )
 from cm3_pyg.training.coldstart import apply_cold_items, cold_start_report
 from cm3_pyg.training.curves import TensorBoardLog, plot_curves
+from cm3_pyg.training.distributed import World, world_from_env
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.trainer import (
     EpochRecord,
@@ -168,6 +172,10 @@ def run_experiment(
         overwrite: let a fresh run replace an earlier run's files in ``out_dir``
             (otherwise a folder holding a run is refused, naming the files).
 
+    Started by ``torchrun`` with several processes, the run trains on all of them
+    (:mod:`cm3_pyg.training.distributed`); rank 0 writes the files, ``metrics.json``
+    records ``world_size``.
+
     The output folder is locked while the run writes into it
     (:class:`~cm3_pyg.io.FolderLock`): a second run into it fails at once with a
     :class:`~cm3_pyg.errors.FolderBusyError` naming the holder.
@@ -178,9 +186,13 @@ def run_experiment(
             so far, ``stop_reason: non_finite_loss``) and the checkpoint of the last
             completed epoch is left intact.
     """
+    world = world_from_env(str(config["device"]))
+    if world is not None and not world.is_writer:  # reads the folder at most (resume)
+        args = (data, model_name, config, out_dir, dataset_name, False, resume, checkpoint)
+        return _run_experiment(*args, fault_injector, world)
     args = (data, model_name, config, out_dir, dataset_name, progress, resume, checkpoint)
     if out_dir is None:
-        return _run_experiment(*args, fault_injector)
+        return _run_experiment(*args, fault_injector, world)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
@@ -194,7 +206,7 @@ def run_experiment(
                 )
             if earlier:
                 clear_run_folder(out)
-        return _run_experiment(*args, fault_injector)
+        return _run_experiment(*args, fault_injector, world)
 
 
 def _run_experiment(
@@ -207,14 +219,19 @@ def _run_experiment(
     resume: bool = False,
     checkpoint: bool = True,
     fault_injector: FaultInjector | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """:func:`run_experiment` once its folder is locked and checked."""
+    """:func:`run_experiment` once its folder is locked and checked (by rank 0: only it
+    writes)."""
+    writer = world is None or world.is_writer
     model_cls = get_model_class(model_name)
     model_cls.check_config(config)  # before any data work: a bad value fails at once
     source_hash = content_hash(data)  # what the run read, before any hold-out
     data = apply_cold_items(data, config, model_cls)
     seed_everything(int(config["seed"]))
     inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
+    if world is not None:
+        inputs = _same_kernels(inputs, world)
     if len(inputs.features) < model_cls.min_modalities:
         raise ConfigError(
             f"model {model_name!r} needs at least {model_cls.min_modalities} item modalities, "
@@ -240,8 +257,9 @@ def _run_experiment(
     if resume and out_path is None:
         raise CheckpointError("resume needs the output folder holding the run's checkpoint")
     ckpt_path = out_path / CHECKPOINT_NAME if out_path is not None else None
-    if out_path is not None and out_path.is_dir():
-        _remove_stale_temporaries(out_path)
+    write_path = out_path if writer else None  # every file this run writes goes here
+    if write_path is not None and write_path.is_dir():
+        _remove_stale_temporaries(write_path)
     fingerprint = data_fingerprint(inputs, splits) if ckpt_path is not None else ""
     saved = None
     if resume:
@@ -273,8 +291,9 @@ def _run_experiment(
         splits,
         config,
         progress=progress,
-        checkpoint=save if checkpoint and ckpt_path is not None else None,
+        checkpoint=save if checkpoint and write_path is not None else None,
         fault_injector=fault_injector,
+        world=world,
     )
     if saved is not None:
         try:
@@ -288,12 +307,12 @@ def _run_experiment(
         logger.info("resuming %s after epoch %d", ckpt_path, trainer.epoch)
     cold = float(config.get("cold_items", 0.0) or 0.0) > 0.0
     best: dict[str, Any] = {}
-    artifact_path = out_path / ARTIFACT_NAME if out_path is not None else None
+    artifact_path = write_path / ARTIFACT_NAME if write_path is not None else None
     board: TensorBoardLog | None = None
-    if out_path is not None:
+    if write_path is not None:
         keys = [f"{m}@{k}" for m in METRIC_NAMES for k in config["topk"]]
-        epoch_log = EpochCSV(out_path / "epochs.csv", keys, trainer.history)
-        board = TensorBoardLog.open(out_path / "tensorboard")
+        epoch_log = EpochCSV(write_path / "epochs.csv", keys, trainer.history)
+        board = TensorBoardLog.open(write_path / "tensorboard")
 
         def on_epoch_end(record: EpochRecord) -> None:
             epoch_log(record)
@@ -325,7 +344,8 @@ def _run_experiment(
         )
         save_artifact(artifact, artifact_path)
 
-    trainer.on_best = on_best
+    if writer:
+        trainer.on_best = on_best
 
     failure: NonFiniteLossError | None = None
     try:
@@ -357,6 +377,7 @@ def _run_experiment(
         "valid": result.valid,
         "test": result.test,
         "epoch_seconds": result.epoch_seconds,
+        "world_size": 1 if world is None else world.world_size,
         "popularity": popularity_baseline(data, config),
     }
     # the best epoch's embeddings: kept in memory (cold runs), else read once from the artifact
@@ -368,11 +389,11 @@ def _run_experiment(
         metrics["cold"] = cold_start_report(
             data, embeddings[0], embeddings[1], inputs.modalities, config["topk"]
         )
-    if out_path is not None and embeddings is not None:
+    if write_path is not None and embeddings is not None:
         # every test user's metrics at the best epoch, for paired significance tests between
         # runs; their means are metrics["test"]
         per_user = trainer.test_evaluator.evaluate_per_user(*embeddings)
-        write_user_metrics(out_path / TEST_USERS_NAME, per_user, user_ids.external)
+        write_user_metrics(write_path / TEST_USERS_NAME, per_user, user_ids.external)
     if failure is not None:
         metrics["error"] = str(failure)
         # The value as a string: JSON has no NaN/Infinity.
@@ -382,13 +403,26 @@ def _run_experiment(
             "num_batches": failure.num_batches,
             "value": str(failure.value),
         }
-    if out_path is not None:
-        atomic_write_text(out_path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if write_path is not None:
+        atomic_write_text(write_path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         # curves.png with the optional matplotlib; a plotting failure never fails a run
         try:
-            plot_curves(result.history, out_path / "curves.png")
+            plot_curves(result.history, write_path / "curves.png")
         except Exception as exc:  # noqa: BLE001
             logger.warning("curves.png not written (%s: %s)", type(exc).__name__, exc)
     if failure is not None:
         raise failure
     return metrics
+
+
+def _same_kernels(inputs: GraphInputs, world: World) -> GraphInputs:
+    """``inputs`` with rank 0's sparse kernels: ``sparse_backend: auto`` times the kernels
+    on each process and could choose differently, and the processes must compute alike."""
+    chosen = world.from_rank0(
+        [getattr(adj, "backend", None) for adj in (inputs.ui_adj, inputs.item_adj)]
+    )
+    ui_adj, item_adj = (
+        adj.with_backend(backend) if isinstance(adj, SparseAdjacency) and backend else adj
+        for adj, backend in zip((inputs.ui_adj, inputs.item_adj), chosen, strict=True)
+    )
+    return replace(inputs, ui_adj=ui_adj, item_adj=item_adj)

@@ -18,7 +18,9 @@ from cm3_pyg.errors import DataFormatError, NonFiniteLossError
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
 from cm3_pyg.nn.optim import make_adam, make_optimizer
+from cm3_pyg.nn.parallel import split_rows
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
+from cm3_pyg.training.distributed import World
 from cm3_pyg.training.inputs import Splits
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
 
@@ -163,6 +165,10 @@ class Trainer:
             partial.
         fault_injector: for tests only: ``(epoch, batch, loss) -> loss`` is applied to every
             batch's loss (1-based epoch and batch), e.g. to inject a NaN.
+        world: train on several processes (:mod:`cm3_pyg.training.distributed`): every
+            process runs this trainer with the same arguments; each step's row-wise work is
+            divided among them, each back-propagates ``loss / P`` and the gradients are
+            summed, and evaluation divides the users. The state stays identical everywhere.
 
     The attribute ``on_best``, when set, is called as ``on_best(epoch, valid, embeddings)``
     whenever validation improves, before that epoch's checkpoint (so a crash in between
@@ -182,6 +188,7 @@ class Trainer:
         progress: bool = True,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
         fault_injector: FaultInjector | None = None,
+        world: World | None = None,
     ) -> None:
         for name, edges in (("valid", splits.valid), ("test", splits.test)):
             if edges.numel() == 0:
@@ -190,8 +197,14 @@ class Trainer:
                     f"evaluate on (MMRec keeps only {name} rows of users with a train row)"
                 )
         self.config = config
-        self.device = torch.device(config["device"])
+        self.world = world
+        self.split = world.split if world is not None else None
+        self.device = (
+            world.device(config["device"]) if world is not None else torch.device(config["device"])
+        )
         self.model = model.to(self.device)
+        if world is not None:
+            world.broadcast_state(self.model)
         self.inputs = inputs.to(self.device)
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
@@ -228,6 +241,13 @@ class Trainer:
         self.test_evaluator = FullRankingEvaluator(
             num_items, self.splits.train, self.splits.test, self.ks, batch
         )
+        # with several processes, each evaluates its block of the users
+        self.user_blocks: dict[str, FullRankingEvaluator | None] = {}
+        if world is not None:
+            for name, target in (("valid", self.splits.valid), ("test", self.splits.test)):
+                self.user_blocks[name] = world.user_block(
+                    num_items, self.splits.train, target, self.ks, batch
+                )
         # A dedicated generator makes batch order and negatives depend on the seed only.
         self.generator = torch.Generator(device=self.device).manual_seed(int(config["seed"]))
         # Progress of fit(); all of it is part of state_dict().
@@ -294,7 +314,8 @@ class Trainer:
                 optimizer step, so that batch never updates the model).
         """
         self.model.train()
-        self.model.on_epoch_start(epoch, self.inputs)
+        with split_rows(self.split):
+            self.model.on_epoch_start(epoch, self.inputs)
         decay = float(self.config["lr_decay"])
         if decay != 1.0:  # exponential decay per epoch, a function of the epoch alone
             for group in self.optimizer.param_groups:
@@ -320,7 +341,8 @@ class Trainer:
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
             neg = self.sampler.sample(users, self.generator, self.num_negatives)
-            terms = self.model.loss_terms(self.inputs, Batch(users, pos, neg))
+            with split_rows(self.split):
+                terms = self.model.loss_terms(self.inputs, Batch(users, pos, neg))
             loss = terms.total
             if self.fault_injector is not None:
                 loss = self.fault_injector(epoch, batch_idx, loss)
@@ -330,7 +352,13 @@ class Trainer:
             for problem in self.inner_problems:
                 self.fit_inner(problem, terms.inner_inputs[problem.name])
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.world is None:
+                loss.backward()
+            else:  # each process's share; the sum of the gradients is the whole step's
+                (loss / self.world.world_size).backward()
+                self.world.all_reduce_gradients(
+                    p for group in self.optimizer.param_groups for p in group["params"]
+                )
             self.optimizer.step()
             total += loss.detach()
             _accumulate(term_totals, terms)
@@ -354,8 +382,18 @@ class Trainer:
         """Full-ranking metrics of ``split`` (``"valid"`` or ``"test"``) from ``embeddings``
         (default: fresh ones from :meth:`Recommender.embed`)."""
         evaluator = {"valid": self.valid_evaluator, "test": self.test_evaluator}[split]
-        user_emb, item_emb = self.model.embed(self.inputs) if embeddings is None else embeddings
-        return evaluator.evaluate(user_emb, item_emb)
+        user_emb, item_emb = self.embed() if embeddings is None else embeddings
+        if self.world is None:
+            return evaluator.evaluate(user_emb, item_emb)
+        block = self.user_blocks[split]
+        sums = None if block is None else block.evaluate_sums(user_emb, item_emb)
+        return self.world.reduce_sums(sums, evaluator.ks).averages()
+
+    def embed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's evaluation embeddings (:meth:`Recommender.embed`), its row-wise work
+        divided among the processes when there are several."""
+        with split_rows(self.split):
+            return self.model.embed(self.inputs)
 
     def fit(self) -> FitResult:
         """Train until ``epochs`` epochs are done or early stopping triggers.
@@ -374,7 +412,7 @@ class Trainer:
             loss = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            embeddings = self.model.embed(self.inputs)
+            embeddings = self.embed()
             valid = self.evaluate("valid", embeddings)
             improved, stop = self.stopper.step(valid[self.valid_metric], epoch)
             stop = stop and bool(self.config["early_stopping"])

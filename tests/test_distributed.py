@@ -1,0 +1,171 @@
+"""Multi-process training (torchrun, gloo) against one process, and its row-parallel pieces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from benchmarks.distributed_parity import ALL_MODELS, compare, launch
+from benchmarks.distributed_scaling import Graph, cm3_parameters, cm3_traffic, lightgcn_traffic
+from cm3_pyg.metrics import FullRankingEvaluator
+from cm3_pyg.nn import to_adjacency
+from cm3_pyg.nn.parallel import RowSplit, active_split, row_bounds, split_rows
+from cm3_pyg.training.distributed import World, world_from_env
+
+USERS, ITEMS = 300, 200
+
+
+def _close(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        # relative 1e-5; CM3's loss crosses zero, where a relative bound means nothing
+        assert abs(x - y) <= 1e-5 * max(abs(x), 0.1), (step, x, y)
+
+
+def test_row_bounds_cover_the_rows_in_blocks_within_one_row():
+    for n in (0, 1, 5, 7, 100):
+        for p in (1, 2, 3, 4):
+            blocks = [row_bounds(n, r, p) for r in range(p)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == n
+            assert all(blocks[r][1] == blocks[r + 1][0] for r in range(p - 1))
+            sizes = [end - start for start, end in blocks]
+            assert max(sizes) - min(sizes) <= 1
+    assert row_bounds(7, 1, 3) == (2, 4)  # 7 * 1 // 3, 7 * 2 // 3
+    with pytest.raises(ValueError, match="rank must lie in"):
+        row_bounds(5, 2, 2)
+
+
+def test_split_rows_is_inert_for_one_process_and_nests():
+    assert active_split() is None
+    with split_rows(RowSplit(0, 1)):
+        assert active_split() is None
+    with split_rows(RowSplit(1, 3)), split_rows(RowSplit(0, 2)):
+        assert active_split() == RowSplit(0, 2)
+    assert active_split() is None
+
+
+@pytest.mark.parametrize("backend", ["csr", "edge_index"])
+def test_row_block_is_the_dense_rows(backend):
+    gen = torch.Generator().manual_seed(0)
+    n, c = 23, 17
+    dense = torch.rand(n, c, generator=gen) * (torch.rand(n, c, generator=gen) < 0.3)
+    index = dense.nonzero().t()
+    adj = to_adjacency(index, dense[index[0], index[1]], n, c, backend=backend)
+    x = torch.randn(c, 5, generator=gen, dtype=torch.float32)
+    for p in (2, 3):
+        parts = []
+        for r in range(p):
+            block = adj.row_block(r, p)
+            start, end = row_bounds(n, r, p)
+            assert block.shape == (end - start, c)
+            torch.testing.assert_close(block.to_dense(), dense[start:end])
+            parts.append(block.matmul(x))
+        torch.testing.assert_close(torch.cat(parts), dense @ x, rtol=1e-5, atol=1e-6)
+    assert adj.row_block(1, 2) is adj.row_block(1, 2)  # cached
+
+
+def test_user_blocks_sum_to_the_full_evaluation():
+    gen = torch.Generator().manual_seed(1)
+    users, items = 40, 30
+    train = torch.stack(
+        [
+            torch.randint(0, users, (200,), generator=gen),
+            torch.randint(0, items, (200,), generator=gen),
+        ]
+    )
+    target = torch.stack(
+        [
+            torch.randint(0, users, (60,), generator=gen),
+            torch.randint(0, items, (60,), generator=gen),
+        ]
+    )
+    user_emb, item_emb = torch.randn(users, 8, generator=gen), torch.randn(items, 8, generator=gen)
+    full = FullRankingEvaluator(items, train, target, (5, 10), batch_size=7)
+    expected = full.evaluate(user_emb, item_emb)
+    for p in (2, 3, 100):  # 100 processes: most blocks are empty
+        total = None
+        counted = 0
+        for r in range(p):
+            block = World(r, p).user_block(items, train, target, (5, 10), 7)
+            if block is None:
+                continue
+            counted += block.num_eval_users
+            sums = block.evaluate_sums(user_emb, item_emb)
+            total = sums if total is None else total + sums
+        assert counted == full.num_eval_users
+        for key, value in total.averages().items():
+            assert value == pytest.approx(expected[key], abs=1e-12)
+
+
+def test_a_single_process_has_no_world(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world_from_env("cpu") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert world_from_env("cpu") is None
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("one")
+    return launch(1, ALL_MODELS, 2, USERS, ITEMS, work)
+
+
+def test_two_processes_take_the_single_process_steps(single_run, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): every model's per-step losses and final metrics
+    equal one process's at the same global batch."""
+    multi = launch(2, ALL_MODELS, 2, USERS, ITEMS, tmp_path)
+    rows = compare(single_run, multi)
+    assert set(rows) == set(ALL_MODELS)
+    for name in ALL_MODELS:
+        _close(single_run[name]["losses"], multi[name]["losses"])
+        assert rows[name]["metric_abs"] <= 1e-4, name
+        assert multi[name]["world_size"] == 2 and single_run[name]["world_size"] == 1
+    # the scaling model's traffic equals what the collectives were handed (2 processes)
+    graph = Graph(USERS, ITEMS, (64, 48), ui_nnz=0, item_nnz=0)  # make_synthetic's modalities
+    for name, model in (("cm3", cm3_traffic), ("lightgcn", lightgcn_traffic)):
+        step, evaluation = model(graph, 2)
+        steps, evals = len(multi[name]["losses"]), multi[name]["epochs_run"]
+        counted = multi[name]["traffic"]
+        assert counted["gathers"] == steps * step.gathers + evals * evaluation.gathers, name
+        assert counted["gathered"] == steps * step.gathered + evals * evaluation.gathered, name
+        assert counted["reduces"] == steps * step.reduces, name
+        assert counted["reduced"] == steps * step.reduced, name
+    # rank 0 wrote the run's files, once
+    metrics = json.loads((tmp_path / "runs-p2" / "cm3" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert (tmp_path / "runs-p2" / "cm3" / "checkpoint.pt").exists()
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(single_run, tmp_path):
+    """State is the same on every process, so a checkpoint resumes with any process count:
+    one epoch on 2 processes, then the second in one process, equals two epochs in one."""
+    models = ("cm3", "sea")  # sea: an inner problem with its own optimiser state
+    folder = tmp_path / "runs"
+    first = launch(2, models, 1, USERS, ITEMS, tmp_path, folder=folder)
+    second = launch(1, models, 2, USERS, ITEMS, tmp_path, folder=folder, resume=True)
+    for name in models:
+        resumed = first[name]["losses"] + second[name]["losses"]
+        _close(single_run[name]["losses"], resumed)
+        for split in ("valid", "test"):
+            for key, value in single_run[name][split].items():
+                assert second[name][split][key] == pytest.approx(value, abs=1e-4)
+    shutil.rmtree(folder)
+
+
+def test_compare_refuses_to_run_under_torchrun(monkeypatch, capsys):
+    from cm3_pyg.cli.compare import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--models", "cm3", "--seeds", "1"]) == 2
+    assert "compare runs its grid in one process" in capsys.readouterr().err
+
+
+def test_cm3_parameter_count_is_the_models():
+    from cm3_pyg.models import CM3
+
+    model = CM3(300, 200, [64, 48])
+    graph = Graph(300, 200, (64, 48), ui_nnz=0, item_nnz=0)
+    assert cm3_parameters(graph) == sum(p.numel() for p in model.parameters())
