@@ -59,7 +59,12 @@ from torch.nn import LeakyReLU, Linear, ModuleList, Parameter, Sequential
 from cm3_pyg.checks import Range
 from cm3_pyg.models._common import split_users_items
 from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
-from cm3_pyg.nn import UserItemPropagation, normalize_rows, propagate_item_graph
+from cm3_pyg.nn import (
+    UserItemPropagation,
+    feature_linear,
+    normalized_concat,
+    propagate_item_graph,
+)
 from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -178,19 +183,34 @@ class ProgressiveWeightCopying(torch.nn.Module):
         w1, w2 = self.mixing_weights()
         return torch.softmax(w1 * scores + w2 * self.theta, dim=1)
 
-    def forward(self, channels: Sequence[Tensor]) -> Tensor:
-        """``C`` tensors ``[U, d]`` -> ``[U, C d]``; remembers the attention in training mode."""
+    def forward(self, channels: Sequence[Tensor] | Tensor) -> Tensor:
+        """``C`` tensors ``[U, d]`` (or their concatenation ``[U, C d]``) -> ``[U, C d]``,
+        channel ``c`` scaled by its attention; remembers the attention in training mode."""
+        table = channels if isinstance(channels, Tensor) else None
+        if table is not None:
+            channels = table.split(table.size(1) // self.num_channels, dim=1)
         if len(channels) != self.num_channels:
             raise ValueError(f"expected {self.num_channels} channels, got {len(channels)}")
         att = self.attention(channels)
         if self.training:
             with torch.no_grad():
                 self.last_attention.copy_(att)
-        return torch.cat([att[:, c : c + 1] * h for c, h in enumerate(channels)], dim=1)
+        if table is None:
+            table = torch.cat(list(channels), dim=1)
+        # one product over the [U, C, d] view instead of C scaled copies and a concatenation
+        weighted = table.view(table.size(0), self.num_channels, -1) * att.unsqueeze(-1)
+        return weighted.flatten(1)
 
 
 def _channel_mlp(in_dim: int, dim: int) -> Sequential:
     return Sequential(Linear(in_dim, 4 * dim), LeakyReLU(), Linear(4 * dim, dim, bias=False))
+
+
+def _encode(mlp: Sequential, x: Tensor) -> Tensor:
+    """``mlp(x)`` with the first layer by :func:`~cm3_pyg.nn.feature_linear` (same values;
+    the wide-table kernel, and divided by rows across processes)."""
+    first, activation, second = mlp
+    return second(activation(feature_linear(x, first.weight, first.bias)))
 
 
 class LIRDRec(Recommender):
@@ -295,8 +315,8 @@ class LIRDRec(Recommender):
         """``M + 1`` tensors ``[I, d]``: the modality channels, then the DCT channel."""
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
-        channels = [enc(x) for enc, x in zip(self.encoders, features, strict=True)]
-        channels.append(self.dct_encoder(self.dct_features(features)))
+        channels = [_encode(enc, x) for enc, x in zip(self.encoders, features, strict=True)]
+        channels.append(_encode(self.dct_encoder, self.dct_features(features)))
         return channels
 
     def forward(
@@ -307,16 +327,14 @@ class LIRDRec(Recommender):
     ) -> tuple[Tensor, Tensor]:
         """``(user [U, (M+1) d], item [I, (M+1) d])``; ``item_adj=None`` skips the item graph."""
         items = self.item_channels(features)
-        x0 = torch.cat(
-            [
-                normalize_rows(torch.cat([self.user_embedding[c], items[c]], dim=0))
-                for c in range(self.num_channels)
-            ],
-            dim=-1,
-        )
+        # per channel the row-normalised [users; items], written straight into [N, C d];
+        # unbind: one backward node for the user table (indexing each channel would
+        # zero-fill a full [C, U, d] gradient per channel)
+        users = self.user_embedding.unbind(0)
+        x0 = normalized_concat([[u, i] for u, i in zip(users, items, strict=True)])
         h = self.propagation(x0, ui_adj)
         user_h, item_h = split_users_items(h, self.num_users)
-        user = self.pwc(list(user_h.split(self.embedding_dim, dim=1)))
+        user = self.pwc(user_h)
         if item_adj is not None:
             item_h = propagate_item_graph(item_h, item_adj, self.num_mm_layers)
         return user, item_h

@@ -1,0 +1,43 @@
+"""The zoo speed harness's configuration rule (benchmarks/zoo_speed.py), without references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.zoo_speed import REFERENCES, SHARED_KEYS, our_config, reference_config
+from cm3_pyg.models import available_models
+
+
+def _checkout(tmp_path: Path, name: str, text: str) -> Path:
+    folder = tmp_path / "src" / "configs" / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
+    return tmp_path
+
+
+def test_every_registered_model_but_directau_has_a_reference():
+    assert set(REFERENCES) == set(available_models()) - {"directau"}
+
+
+def test_grid_keys_take_our_values_and_reference_only_keys_their_first(tmp_path):
+    checkout = _checkout(
+        tmp_path,
+        "FREEDOM",
+        "dropout: [0.9, 0.8]\nreg_weight: [0.0, 1e-05]\nunknown_axis: [7, 8]\n"
+        "weight_size: [64, 64]\nhyper_parameters: ['dropout', 'reg_weight', 'unknown_axis']\n",
+    )
+    ours = our_config("freedom")
+    config = reference_config("freedom", checkout)
+    assert config["dropout"] == ours["dropout"] and config["reg_weight"] == ours["reg_weight"]
+    assert config["unknown_axis"] == 7
+    assert "weight_size" not in config  # a list, but not a grid key: the YAML's own value
+    assert all(config[key] == ours[key] for key in SHARED_KEYS)
+    assert config["hyper_parameters"] == ["seed"]
+
+
+def test_a_missing_model_yaml_is_named(tmp_path):
+    _checkout(tmp_path, "Other", "a: 1\n")
+    with pytest.raises(FileNotFoundError, match="no YAML of model BM3"):
+        reference_config("bm3", tmp_path)
