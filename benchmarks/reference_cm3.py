@@ -46,6 +46,9 @@ without touching the model or training code (see ``_DRIVER``):
 * a model file whose name differs from the lower-cased class name only in case is copied
   to the lower-cased name in the run's copy of the checkout (the framework imports
   ``models.<name.lower()>``).
+* SEA's model reads a user-user graph at construction (``user_graph_dict.npy``, made by
+  MMRec's DualGNN preprocessing script; its training never uses it): the harness computes
+  the same graph (:func:`user_graph_dict`) into the run's data folder.
 * ``wandb`` (imported by SEA's trainer for logging the driver never calls) is stubbed
   like the image packages when it is not installed.
 * on the CPU the reference's ``result_embed`` stays an ``nn.Parameter`` after
@@ -79,6 +82,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -270,7 +274,15 @@ for f in os.listdir(dataset_dir):  # never time a cached kNN graph
     if f.startswith("mm_adj_") and f.endswith(".pt"):
         os.remove(os.path.join(dataset_dir, f))
 t0 = time.perf_counter()
-model = get_model(config["model"])(config, train_data).to(config["device"])
+import inspect  # noqa: E402
+
+# Construction as the reference's own quick_start does it: SEA's model takes its command-line
+# namespace as a third argument and its trainer a CLUB network.
+model_class = get_model(config["model"])
+extra = []
+if "args" in inspect.signature(model_class.__init__).parameters:
+    extra.append(types.SimpleNamespace(**(ARGS["model_args"] or {})))
+model = model_class(config, train_data, *extra).to(config["device"])
 build_seconds = time.perf_counter() - t0
 log(f"model built in {build_seconds:.2f}s")
 
@@ -283,7 +295,13 @@ if "result_embed" in model._parameters:
     model.result_embed = _re.detach()
     fixes.append("result_embed kept as a plain tensor (as on CUDA), not a Parameter")
 
-trainer = get_trainer()(config, model)
+trainer_class = get_trainer()
+if "club" in inspect.signature(trainer_class.__init__).parameters:
+    club_class = getattr(sys.modules[model_class.__module__], "CLUBSample")
+    club = club_class(device=config["device"], **(ARGS["club"] or {}))
+    trainer = trainer_class(config, model, club, False)
+else:
+    trainer = trainer_class(config, model)
 epoch_seconds, epoch_losses = [], []
 for epoch in range(ARGS["epochs"]):
     # the span Trainer.fit reports as "epoch N training [time: ...]"
@@ -362,6 +380,46 @@ def _num_items(inter_file: Path) -> int:
     return int(items.max()) + 1
 
 
+#: SEA's model loads a user-user graph (MMRec's ``preprocessing/dualgnn-gen-u-u-matrix.py``
+#: output) at construction and resamples it every epoch without using it in training.
+USER_GRAPH_FILE = "user_graph_dict.npy"
+#: neighbours kept per user by that preprocessing
+USER_GRAPH_TOP = 200
+
+
+def user_graph_dict(inter_file: Path, top: int = USER_GRAPH_TOP) -> dict[int, list[list]]:
+    """The user-user graph of MMRec's DualGNN preprocessing, computed as a sparse product:
+    user ``u`` -> ``[neighbours, counts]``, the (at most ``top``) other users sharing the most
+    distinct training items with ``u``, most shared first (ties in no fixed order)."""
+    import torch
+
+    with open(inter_file, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    cols = [header.index(c) for c in ("userID", "itemID", "x_label")]
+    table = np.loadtxt(inter_file, delimiter="\t", skiprows=1, usecols=cols, dtype=np.int64)
+    table = table.reshape(-1, 3)
+    num_users = int(np.unique(table[:, 0]).size)
+    train = np.unique(table[table[:, 2] == 0][:, :2], axis=0)  # distinct (user, item) pairs
+    shape = (max(num_users, int(table[:, 0].max()) + 1), int(table[:, 1].max()) + 1)
+    with warnings.catch_warnings():  # torch's notes on its sparse API, not about this data
+        warnings.simplefilter("ignore", UserWarning)
+        rated = torch.sparse_coo_tensor(
+            torch.from_numpy(train.T.copy()), torch.ones(len(train)), shape
+        ).coalesce()
+        shared = torch.sparse.mm(rated, rated.t()).coalesce()
+    (rows, cols), values = shared.indices().numpy(), shared.values().numpy()
+    keep = rows != cols
+    rows, cols, values = rows[keep], cols[keep], values[keep]
+    bounds = np.searchsorted(rows, np.arange(num_users + 1))  # coalesced: rows sorted
+    out: dict[int, list[list]] = {}
+    for user in range(num_users):
+        start, end = bounds[user], bounds[user + 1]
+        neighbours, counts = cols[start:end], values[start:end]
+        order = np.argsort(-counts, kind="stable")[:top]
+        out[user] = [neighbours[order].tolist(), counts[order].astype(float).tolist()]
+    return out
+
+
 def _dataset_yaml(inter_file: str) -> str:
     return (
         "# written by cm3_pyg benchmarks/reference_cm3.py for this run\n"
@@ -372,6 +430,7 @@ def _dataset_yaml(inter_file: str) -> str:
         f"inter_file_name: '{inter_file}'\n"
         "vision_feature_file: 'image_feat.npy'\n"
         "text_feature_file: 'text_feat.npy'\n"
+        f"user_graph_dict_file: '{USER_GRAPH_FILE}'\n"
         'field_separator: "\\t"\n'
     )
 
@@ -457,6 +516,8 @@ def time_reference(
     verbose: bool = False,
     model: str = "CM3",
     config: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
+    club: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time a reference model (a copy of ``reference_dir``) on ``scale`` in a subprocess.
 
@@ -479,6 +540,9 @@ def time_reference(
         config: the run's configuration over the reference's YAMLs (default: CM3's
             :data:`REFERENCE_CONFIG`); it must give one value for every grid key of the
             model's YAML. ``seed`` and ``hyper_parameters`` default to 999 and ``[seed]``.
+        model_args: for a model whose constructor takes a third ``args`` (SEA: its
+            command-line options), those options.
+        club: for a trainer that takes a CLUB network (SEA), its ``CLUBSample`` sizes.
 
     Returns:
         A JSON-able dict: ``scale``, ``epoch_seconds``, ``median_epoch_seconds``,
@@ -518,6 +582,9 @@ def time_reference(
         data_dir = run_dir / "data"
         dataset, inter_file = _prepare_data(scale, root, data_dir, feature_seed)
         (src / "configs" / "dataset" / f"{dataset}.yaml").write_text(_dataset_yaml(inter_file))
+        if "user_graph_dict_file" in model_file.read_text(encoding="utf-8", errors="replace"):
+            graph = user_graph_dict(data_dir / dataset / inter_file)
+            np.save(data_dir / dataset / USER_GRAPH_FILE, graph, allow_pickle=True)
         driver = run_dir / "driver.py"
         driver.write_text(_DRIVER)
         child_config = dict(run_config)
@@ -534,6 +601,8 @@ def time_reference(
             "model": model,
             "dataset": dataset,
             "config": child_config,
+            "model_args": model_args,
+            "club": club,
             "epochs": epochs,
             "threads": threads,
             "evaluate": evaluate,

@@ -86,6 +86,30 @@ def reference_config(model: str, checkout: Path) -> dict[str, Any]:
     return config
 
 
+def reference_extras(model: str) -> dict[str, Any]:
+    """SEA's reference takes its options as a command-line namespace and its trainer a CLUB
+    network (``utils/quick_start.py``): both at our values (``reg_weight`` 0, the default of
+    its ``main.py``; our SEA has no such term)."""
+    if model != "sea":
+        return {}
+    ours = our_config(model)
+    return {
+        "model_args": {
+            "alpha_contrast": ours["alpha_contrast"],
+            "temp": ours["temp"],
+            "hidden_dim": ours["proj_hidden_dim"],
+            "out_dim": ours["proj_out_dim"],
+            "reg_weight": 0.0,
+            "ureg": ours["ureg"],
+        },
+        "club": {
+            "x_dim": ours["club_dim"],
+            "y_dim": ours["club_dim"],
+            "hidden_size": ours["club_hidden_size"],
+        },
+    }
+
+
 def ours_epochs(
     model: str, scale: str, epochs: int, data_root: str | None, cache_dir: str | None
 ) -> dict[str, Any]:
@@ -145,8 +169,11 @@ def sitting(
     cache_dir: str | None,
     reference_python: str | None,
     threads: int | None,
+    progress_file: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Reference then ours, for every (scale, model), in that order."""
+    """Reference then ours, for every (scale, model), in that order. A side that fails is
+    recorded in its row (``error``) and the sitting goes on; ``progress_file`` is rewritten
+    with the rows so far after each one."""
     from benchmarks.reference_cm3 import time_reference
 
     env = dict(os.environ)
@@ -159,19 +186,25 @@ def sitting(
             checkout = refs / folder
             config = reference_config(model, checkout)
             print(f"{scale} {model}: reference {cls} ...", flush=True)
-            reference = time_reference(
-                str(checkout),
-                scale,
-                epochs=epochs,
-                threads=threads,
-                data_root=data_root or os.environ.get("CM3_DATA_ROOT", "../shared/data"),
-                python=reference_python,
-                evaluate=False,
-                model=cls,
-                config=config,
-            )
-            print(f"{scale} {model}: ours ...", flush=True)
-            ours = _ours_in_child(model, scale, epochs, data_root, cache_dir, env)
+            try:
+                reference = time_reference(
+                    str(checkout),
+                    scale,
+                    epochs=epochs,
+                    threads=threads,
+                    data_root=data_root or os.environ.get("CM3_DATA_ROOT", "../shared/data"),
+                    python=reference_python,
+                    evaluate=False,
+                    model=cls,
+                    config=config,
+                    **reference_extras(model),
+                )
+                print(f"{scale} {model}: ours ...", flush=True)
+                ours = _ours_in_child(model, scale, epochs, data_root, cache_dir, env)
+            except (RuntimeError, FileNotFoundError) as exc:
+                print(f"{scale} {model}: failed: {str(exc)[-500:]}", flush=True)
+                rows.append({"scale": scale, "model": model, "error": str(exc)[-2000:]})
+                continue
             row = {
                 "scale": scale,
                 "model": model,
@@ -190,6 +223,8 @@ def sitting(
                 flush=True,
             )
             rows.append(row)
+            if progress_file is not None:
+                progress_file.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows
 
 
@@ -199,6 +234,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            reason = r["error"].strip().splitlines()[-1][:120] if r["error"].strip() else "?"
+            lines.append(f"| {r['scale']} | {r['model']} | failed: {reason} | | | |")
+            continue
         ref = ", ".join(f"{x:.2f}" for x in r["reference_epoch_seconds"])
         our = ", ".join(f"{x:.2f}" for x in r["ours_epoch_seconds"])
         lines.append(
@@ -241,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.cache_dir,
         args.reference_python,
         args.threads,
+        Path(args.out).with_suffix(".json") if args.out else None,
     )
     table = markdown(rows)
     print(table)

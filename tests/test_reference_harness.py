@@ -62,3 +62,33 @@ def test_generated_features_shapes_dtype_and_determinism() -> None:
     assert abs(float(image.mean())) < 0.05 and abs(float(image.std()) - 1.0) < 0.05
     rng = np.random.default_rng(7)
     assert np.array_equal(image, rng.standard_normal((50, 4096), dtype=np.float32))
+
+
+def test_user_graph_dict_counts_shared_training_items(tmp_path: Path) -> None:
+    from benchmarks.reference_cm3 import user_graph_dict
+
+    rows = [  # (user, item, x_label); the valid/test rows must not count
+        (0, 0, 0),
+        (0, 1, 0),
+        (0, 2, 0),
+        (1, 0, 0),
+        (1, 1, 0),
+        (2, 2, 0),
+        (2, 1, 1),
+        (3, 3, 0),
+        (1, 1, 0),  # a duplicate row counts once
+    ]
+    inter = tmp_path / "x.inter"
+    inter.write_text("userID\titemID\tx_label\n" + "".join(f"{u}\t{i}\t{x}\n" for u, i, x in rows))
+    graph = user_graph_dict(inter, top=1)
+    # brute force: users sharing distinct training items
+    items = {u: {i for uu, i, x in rows if uu == u and x == 0} for u in range(4)}
+    for user in range(4):
+        shared = {v: len(items[user] & items[v]) for v in range(4) if v != user}
+        best = max(shared.values())
+        neighbours, counts = graph[user]
+        if best == 0:
+            assert neighbours == [] and counts == []
+        else:
+            assert counts == [float(best)] and shared[neighbours[0]] == best
+    assert graph[0] == [[1], [2.0]]

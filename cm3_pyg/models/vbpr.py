@@ -82,7 +82,15 @@ class VBPR(Recommender):
         if items is not None:
             features = [x.index_select(0, items) for x in features]
             ids = ids.index_select(0, items)
-        return torch.cat([ids, self.projection(torch.cat(list(features), dim=-1))], dim=-1)
+        # projection(concat_m x_m) as sum_m x_m W_m^T + b over the column blocks W_m of the
+        # weight: the same product without copying the tables into one [n, sum d_m] matrix
+        weight, projected = self.projection.weight, self.projection.bias
+        offset = 0
+        for x in features:
+            block = weight[:, offset : offset + x.size(1)]
+            projected = torch.addmm(projected, x, block.t())
+            offset += x.size(1)
+        return torch.cat([ids, projected], dim=-1)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``(user [U, 2d], item [I, 2d])`` from the ``M`` feature tensors ``[I, d_m]``."""
@@ -92,7 +100,9 @@ class VBPR(Recommender):
         # Only the batch's items are projected (the same values as projecting all).
         neg_ids = batch.neg_items
         ids = torch.cat([batch.pos_items, neg_ids.reshape(-1)])
-        items = self.item_vectors(inputs.features, ids)
+        # each distinct item projected once (a batch repeats items), then spread
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        items = self.item_vectors(inputs.features, distinct).index_select(0, inverse)
         pos, neg = items.split([batch.pos_items.numel(), neg_ids.numel()])
         neg = neg.view(*neg_ids.shape, -1)
         return BatchRows(self.user_embedding.index_select(0, batch.users), pos, neg)
