@@ -217,7 +217,11 @@ class FREEDOM(Recommender):
         neg = batch.neg_items
         items = torch.cat([batch.pos_items, neg.reshape(-1)])
         out = {}
-        embedded = self.modality_embeddings(inputs.features, items)
+        # each distinct item projected once (a batch repeats items), then spread
+        distinct, inverse = torch.unique(items, return_inverse=True)
+        embedded = [
+            f.index_select(0, inverse) for f in self.modality_embeddings(inputs.features, distinct)
+        ]
         for name, f in zip(inputs.modalities, embedded, strict=True):
             i, j = f.split([batch.pos_items.numel(), neg.numel()])
             j = j.view(*neg.shape, -1)
