@@ -95,6 +95,7 @@ from cm3_pyg.models.base import (
 )
 from cm3_pyg.nn import (
     UserItemPropagation,
+    feature_linear,
     gaussian_nll,
     info_nce_loss,
     normalize_rows,
@@ -166,14 +167,18 @@ class SEAOutput(NamedTuple):
     Attributes:
         user: ``[U, M d]`` user embeddings (modality-weighted).
         item: ``[I, M d]`` item embeddings.
-        generic: ``M`` tensors ``[I, h_m]``, the generic halves.
-        unique: ``M`` tensors ``[I, d_m - h_m]``, the unique halves.
+        generic: ``M`` tensors ``[I, h_m]``, the generic halves (empty when ``folded``).
+        unique: ``M`` tensors ``[I, d_m - h_m]``, the unique halves (empty when ``folded``).
+        club_inputs: with ``folded``: per modality the CLUB maps' outputs ``(a_m, b_m)``.
+        head_hidden: with ``folded``: per modality the projection head's first layer output.
     """
 
     user: Tensor
     item: Tensor
     generic: list[Tensor]
     unique: list[Tensor]
+    club_inputs: list[tuple[Tensor, Tensor]] | None = None
+    head_hidden: list[Tensor] | None = None
 
 
 def cross_modal_pairs(
@@ -327,24 +332,63 @@ class SEA(Recommender):
         features: Sequence[Tensor],
         ui_adj: SparseAdjacency,
         item_adj: SparseAdjacency | None = None,
+        folded: bool = False,
     ) -> SEAOutput:
-        """Full-graph forward; ``item_adj=None`` skips the item-graph step."""
+        """Full-graph forward; ``item_adj=None`` skips the item-graph step.
+
+        ``folded``: the representation layer :math:`r_m = R_m x_m` is never formed. Every
+        reader of :math:`r_m` starts with a linear layer (the item MLP, the projection head,
+        the two CLUB maps), so their first layers are applied as one product of ``x_m`` with
+        the composed weights :math:`V_k R_m` (the same function, in another order of
+        products; on Baby's 4096-d images far fewer FLOPs per step); the output then
+        carries ``club_inputs`` and ``head_hidden`` instead of the halves.
+        """
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
         users, items, generic, unique = [], [], [], []
+        club_inputs, head_hidden = [], []
         for m, x in enumerate(features):
-            r = self.representations[m](x)
-            h = self.generic_dims[m]
-            generic.append(r[:, :h])
-            unique.append(r[:, h:])
-            x0 = normalize_rows(torch.cat([self.user_preference[m], self.item_mlps[m](r)], dim=0))
+            mlp = self.item_mlps[m]
+            if folded:
+                hidden, head, a, b = self._folded_first_layers(m, x)
+                item_in = mlp[2](mlp[1](hidden))
+                club_inputs.append((a, b))
+                head_hidden.append(head)
+            else:
+                r = self.representations[m](x)
+                h = self.generic_dims[m]
+                generic.append(r[:, :h])
+                unique.append(r[:, h:])
+                item_in = mlp(r)
+            x0 = normalize_rows(torch.cat([self.user_preference[m], item_in], dim=0))
             user_h, item_h = split_users_items(self.propagation(x0, ui_adj), self.num_users)
             users.append(user_h * self.user_modality_weights[:, m : m + 1])
             items.append(item_h)
         item = torch.cat(items, dim=1)
         if item_adj is not None:
             item = propagate_item_graph(item, item_adj, self.num_mm_layers)
+        if folded:
+            return SEAOutput(
+                torch.cat(users, dim=1), item, generic, unique, club_inputs, head_hidden
+            )
         return SEAOutput(torch.cat(users, dim=1), item, generic, unique)
+
+    def _folded_first_layers(self, m: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(item MLP layer 1, head layer 1, a_m, b_m)`` of :math:`r_m = R_m x_m` without
+        forming :math:`r_m`: one product of ``x`` with the stacked composed weights."""
+        rep = self.representations[m]
+        h = self.generic_dims[m]
+        readers = (
+            (self.item_mlps[m][0], slice(None)),
+            (self.projection_heads[m][0], slice(0, h)),
+            (self.generic_maps[m], slice(0, h)),
+            (self.unique_maps[m], slice(h, None)),
+        )
+        weight = torch.cat([layer.weight @ rep.weight[rows] for layer, rows in readers])
+        bias = torch.cat([layer.weight @ rep.bias[rows] + layer.bias for layer, rows in readers])
+        out = feature_linear(x, weight, bias)
+        hidden, head, a, b = out.split([layer.out_features for layer, _ in readers], dim=1)
+        return hidden, head, a, b
 
     def losses(
         self,
@@ -376,15 +420,22 @@ class SEA(Recommender):
         mi = out.item.new_zeros(())
         samples = []
         for m in range(self.num_modalities):
-            a = self.generic_maps[m](out.generic[m])
-            b = self.unique_maps[m](out.unique[m])
+            if out.club_inputs is not None:
+                a, b = out.club_inputs[m]
+            else:
+                a = self.generic_maps[m](out.generic[m])
+                b = self.unique_maps[m](out.unique[m])
             perm = torch.randperm(a.size(0), device=a.device) if perms is None else perms[m]
             mi = mi + functional_call(self.club, frozen, (a, b, perm))
             samples.append((a, b))
         mi = mi / self.num_modalities
         if self.club_pairing == "cross":
             samples = cross_modal_pairs(samples)
-        proj = [head(g) for head, g in zip(self.projection_heads, out.generic, strict=True)]
+        heads = self.projection_heads
+        if out.head_hidden is not None:
+            proj = [head[1:](z) for head, z in zip(heads, out.head_hidden, strict=True)]
+        else:
+            proj = [head(g) for head, g in zip(heads, out.generic, strict=True)]
         pairs = list(itertools.combinations(range(self.num_modalities), 2))
         align = sum(solosim_loss(proj[b], proj[a], self.temperature) for a, b in pairs)
         return SEALosses(bpr, mi, align / len(pairs), samples)
@@ -408,7 +459,8 @@ class SEA(Recommender):
     def loss_terms(self, inputs: GraphInputs, batch: Batch) -> LossTerms:
         """``ranking`` is the objective (BPR) on the scores in log base 2, the auxiliary
         terms the weighted CLUB bound and Solosimloss; the CLUB pairs are the inner inputs."""
-        out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs))
+        # folded: the same values without forming the representation layer (see forward)
+        out = self(inputs.features, inputs.ui_adj, self.item_graph(inputs), folded=True)
         parts = self.losses(out, batch.users, batch.pos_items, batch.neg_items)
         return self._terms(parts)
 
