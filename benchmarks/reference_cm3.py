@@ -663,14 +663,13 @@ def time_reference(
 
 
 def _cli_config(model: str, pairs: Sequence[str]) -> dict[str, Any] | None:
-    import yaml
+    from cm3_pyg.errors import ConfigError
+    from cm3_pyg.training.config import parse_overrides
 
-    values = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        values[key] = yaml.safe_load(raw)
+    try:
+        values = parse_overrides(pairs)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     if model.lower() == "cm3":
         return {**REFERENCE_CONFIG, **values}
     return values

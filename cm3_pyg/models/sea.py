@@ -367,11 +367,14 @@ class SEA(Recommender):
         item = torch.cat(items, dim=1)
         if item_adj is not None:
             item = propagate_item_graph(item, item_adj, self.num_mm_layers)
-        if folded:
-            return SEAOutput(
-                torch.cat(users, dim=1), item, generic, unique, club_inputs, head_hidden
-            )
-        return SEAOutput(torch.cat(users, dim=1), item, generic, unique)
+        return SEAOutput(
+            torch.cat(users, dim=1),
+            item,
+            generic,
+            unique,
+            club_inputs if folded else None,
+            head_hidden if folded else None,
+        )
 
     def _folded_first_layers(self, m: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(item MLP layer 1, head layer 1, a_m, b_m)`` of :math:`r_m = R_m x_m` without

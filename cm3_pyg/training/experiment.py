@@ -187,11 +187,10 @@ def run_experiment(
             completed epoch is left intact.
     """
     world = world_from_env(str(config["device"]))
-    if world is not None and not world.is_writer:  # reads the folder at most (resume)
-        args = (data, model_name, config, out_dir, dataset_name, False, resume, checkpoint)
-        return _run_experiment(*args, fault_injector, world)
+    writer = world is None or world.is_writer
+    progress = progress and writer
     args = (data, model_name, config, out_dir, dataset_name, progress, resume, checkpoint)
-    if out_dir is None:
+    if out_dir is None or not writer:  # the other ranks read the folder at most (resume)
         return _run_experiment(*args, fault_injector, world)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

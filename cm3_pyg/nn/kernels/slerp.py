@@ -116,10 +116,8 @@ def _sinc_slope(x: Tensor) -> Tensor:
     """
     pix = math.pi * x
     small = x.abs() < SINC_SLOPE_SERIES_BELOW
-    safe = torch.where(small, torch.ones_like(x), x)
-    closed = (math.pi * safe * torch.cos(math.pi * safe) - torch.sin(math.pi * safe)) / (
-        math.pi * safe * safe
-    )
+    pi_safe = math.pi * torch.where(small, torch.ones_like(x), x)
+    closed = (pi_safe * torch.cos(pi_safe) - torch.sin(pi_safe)) * math.pi / (pi_safe * pi_safe)
     p2 = pix * pix
     series = -math.pi * pix / 3 * (1 - p2 / 10 + p2 * p2 / 280)
     return torch.where(small, series, closed)
