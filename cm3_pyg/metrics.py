@@ -214,14 +214,20 @@ def _metric_sums_unchecked(
     target_index: Tensor,
     ks: tuple[int, ...],
     copy: bool,
+    target_mask: Tensor | None = None,
 ) -> RankingSums:
     """Core of :func:`ranking_metric_sums` on already validated inputs (no host sync).
 
     Shapes: ``scores`` [B, I]; ``exclude_index`` [2, E_x] and ``target_index`` [2, E_t]
     int64 on ``scores.device`` with local user rows. If ``copy`` is ``False`` the masking
     writes into ``scores`` itself (used when the caller owns a freshly computed tensor).
+    ``target_mask``: an all-``False`` bool buffer of at least ``[B, I]`` to work in (it is
+    all-``False`` again on return), so that batch after batch allocates nothing of
+    ``B x I``; ``None`` allocates one.
     """
-    per_user, counted = _per_user_unchecked(scores, exclude_index, target_index, ks, copy)
+    per_user, counted = _per_user_unchecked(
+        scores, exclude_index, target_index, ks, copy, target_mask
+    )
     return RankingSums(ks, per_user.sum(dim=1), counted.sum())
 
 
@@ -231,6 +237,7 @@ def _per_user_unchecked(
     target_index: Tensor,
     ks: tuple[int, ...],
     copy: bool,
+    target_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(per_user [5, B, K] float64, counted [B] bool)``: every metric of every user of the
     batch (rows as :data:`METRIC_NAMES`; 0 for a user without a target, who is not
@@ -239,11 +246,17 @@ def _per_user_unchecked(
     num_users, num_items = scores.shape
     max_k = ks[-1]
 
-    # Dense [B, I] target membership; index_put deduplicates repeated pairs for free.
-    target_mask = torch.zeros(num_users, num_items, dtype=torch.bool, device=device)
-    target_mask[target_index[0], target_index[1]] = True
-    num_targets = target_mask.sum(dim=1)  # [B], |T_u| incl. excluded targets (MMRec)
+    # |T_u| over distinct pairs, incl. excluded targets (MMRec). Counted from the pairs: a
+    # row sum of a dense [B, I] bool mask costs more than the score GEMM at Elec scale.
+    keys = torch.unique(target_index[0] * num_items + target_index[1])
+    num_targets = torch.bincount(keys // num_items, minlength=num_users)  # [B]
 
+    # [B, I] target membership, set and later cleared at the target pairs only.
+    if target_mask is None:
+        target_mask = torch.zeros(num_users, num_items, dtype=torch.bool, device=device)
+    else:
+        target_mask = target_mask[:num_users]
+    target_mask[target_index[0], target_index[1]] = True
     if exclude_index is not None and exclude_index.numel() > 0:
         masked = scores.clone() if copy else scores
         masked[exclude_index[0], exclude_index[1]] = -math.inf
@@ -254,6 +267,7 @@ def _per_user_unchecked(
 
     top_index = masked.topk(max_k, dim=1, largest=True, sorted=True).indices  # [B, K_max]
     hits = target_mask.gather(1, top_index).to(torch.float64)  # rel_r, [B, K_max]
+    target_mask[target_index[0], target_index[1]] = False  # all-False again for the caller
 
     ranks = torch.arange(1, max_k + 1, dtype=torch.float64, device=device)  # r = 1..K_max
     discount = 1.0 / torch.log2(ranks + 1.0)  # 1 / log2(r + 1)
@@ -488,12 +502,22 @@ class FullRankingEvaluator:
                 tgt = tgt.to(scores.device)
             yield users, scores.detach(), exc, tgt
 
+    def _target_mask(self, scores: Tensor, mask: Tensor | None) -> Tensor:
+        """The all-``False`` ``[batch rows, I]`` bool work buffer of one evaluation: made at
+        its first batch, on the scores' device, and reused by every later batch."""
+        if mask is None or mask.device != scores.device:
+            rows = min(self.batch_size, self.num_eval_users)
+            mask = torch.zeros(rows, self.num_items, dtype=torch.bool, device=scores.device)
+        return mask
+
     def _accumulate(
         self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
     ) -> RankingSums:
         total: RankingSums | None = None
+        mask: Tensor | None = None
         for _, scores, exc, tgt in self._scored_batches(score_batch, check_nan):
-            part = _metric_sums_unchecked(scores, exc, tgt, self.ks, copy=copy)
+            mask = self._target_mask(scores, mask)
+            part = _metric_sums_unchecked(scores, exc, tgt, self.ks, copy, mask)
             total = part if total is None else total + part
         assert total is not None  # __init__ guarantees at least one batch
         return total
@@ -502,8 +526,10 @@ class FullRankingEvaluator:
         self, score_batch: Callable[[Tensor], Tensor], copy: bool, check_nan: bool = True
     ) -> PerUserMetrics:
         users, parts = [], []
+        mask: Tensor | None = None
         for batch_users, scores, exc, tgt in self._scored_batches(score_batch, check_nan):
-            per_user, _ = _per_user_unchecked(scores, exc, tgt, self.ks, copy=copy)
+            mask = self._target_mask(scores, mask)
+            per_user, _ = _per_user_unchecked(scores, exc, tgt, self.ks, copy, mask)
             users.append(batch_users.cpu())
             parts.append(per_user.cpu())
         table = torch.cat(parts, dim=1)  # [5, N, K]; every evaluated user has a target
@@ -531,10 +557,10 @@ class FullRankingEvaluator:
     def evaluate_sums(self, user_emb: Tensor, item_emb: Tensor) -> RankingSums:
         """The :class:`RankingSums` whose averages :meth:`evaluate` returns: sums of
         evaluators over disjoint user sets add up (distributed evaluation does so)."""
-        item_t = self._check_embeddings(user_emb, item_emb)
-        # The matmul output is fresh, so masking may write into it (copy=False); finite
-        # embeddings were checked, so the per-batch NaN scan is skipped.
-        return self._accumulate(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
+        # The scores are this evaluation's own buffer, so masking may write into it
+        # (copy=False); finite embeddings were checked, so the per-batch NaN scan is skipped.
+        score = self._dot_scorer(user_emb, item_emb)
+        return self._accumulate(score, copy=False, check_nan=False)
 
     @torch.no_grad()
     def evaluate_per_user(self, user_emb: Tensor, item_emb: Tensor) -> PerUserMetrics:
@@ -547,8 +573,21 @@ class FullRankingEvaluator:
         Returns:
             :class:`PerUserMetrics` over :attr:`eval_users`, in their sorted order.
         """
+        score = self._dot_scorer(user_emb, item_emb)
+        return self._per_user(score, copy=False, check_nan=False)
+
+    def _dot_scorer(self, user_emb: Tensor, item_emb: Tensor) -> Callable[[Tensor], Tensor]:
+        """``users -> user_emb[users] @ item_emb.T``, written into one ``[batch, I]`` buffer
+        that every batch reuses: a fresh ``B x I`` result per batch costs page faults that,
+        at Elec scale, take as long as the GEMM itself."""
         item_t = self._check_embeddings(user_emb, item_emb)
-        return self._per_user(lambda users: user_emb[users] @ item_t, copy=False, check_nan=False)
+        rows = min(self.batch_size, self.num_eval_users)
+        out = item_t.new_empty(rows, self.num_items)
+
+        def score(users: Tensor) -> Tensor:
+            return torch.mm(user_emb[users], item_t, out=out[: users.numel()])
+
+        return score
 
     def _check_embeddings(self, user_emb: Tensor, item_emb: Tensor) -> Tensor:
         """The checks of :meth:`evaluate`; returns ``item_emb.t()`` on the evaluator's device."""
@@ -564,6 +603,11 @@ class FullRankingEvaluator:
         if user_emb.size(0) <= self._max_user:
             raise ValueError(
                 f"user_emb has {user_emb.size(0)} rows but user id {self._max_user} is evaluated"
+            )
+        if user_emb.dtype != item_emb.dtype or user_emb.device != item_emb.device:
+            raise ValueError(
+                f"user_emb and item_emb must share dtype and device, got {user_emb.dtype} on "
+                f"{user_emb.device} and {item_emb.dtype} on {item_emb.device}"
             )
         for name, table in (("user_emb", user_emb), ("item_emb", item_emb)):
             if not table.dtype.is_floating_point:

@@ -254,6 +254,35 @@ def test_evaluator_matches_single_batch(batch_size: int) -> None:
     assert_close(evaluator.evaluate(user_emb, item_emb), expected, tol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_evaluator_batches_with_repeated_and_excluded_targets_match_bruteforce(seed: int) -> None:
+    """The batches share one score buffer and one target-mask buffer: a mark left behind by
+    one batch, a repeated target pair or a target that is also a training pair must not
+    change any later batch's metrics (checked against the loop reference)."""
+    user_emb, item_emb, train, target, num_items = _evaluator_data(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    train_users = torch.isin(train[0], torch.unique(target[0]))
+    overlap = train[:, train_users][:, :6]  # training pairs of evaluated users, also targets
+    repeated = target[:, torch.randint(target.size(1), (8,), generator=gen)]
+    target = torch.cat([target, overlap, repeated], dim=1)
+    ks = (1, 5, 10, 20)
+    expected = reference_metrics(
+        (user_emb @ item_emb.t()).tolist(), pairs_to_set(train), pairs_to_set(target), list(ks)
+    )
+    for batch_size in (1, 2, 5):
+        evaluator = FullRankingEvaluator(num_items, train, target, ks=ks, batch_size=batch_size)
+        assert_close(evaluator.evaluate(user_emb, item_emb), expected, tol=1e-9)
+        per_user = evaluator.evaluate_per_user(user_emb, item_emb)
+        assert_close(per_user.averages(), expected, tol=1e-9)
+
+
+def test_evaluator_rejects_mixed_dtypes() -> None:
+    user_emb, item_emb, train, target, num_items = _evaluator_data()
+    evaluator = FullRankingEvaluator(num_items, train, target, ks=(5,))
+    with pytest.raises(ValueError, match="share dtype and device"):
+        evaluator.evaluate(user_emb.float(), item_emb)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 4096])
 def test_per_user_metrics_match_the_reference_user_by_user(batch_size: int) -> None:
     user_emb, item_emb, train, target, num_items = _evaluator_data(2)
