@@ -152,6 +152,17 @@ class SparseAdjacency:
         self._row_blocks: dict[tuple[int, int], SparseAdjacency] = {}
         self._product: Callable[[Tensor], Tensor] = self._build()
 
+    def __getstate__(self) -> dict[str, object]:
+        # Only the entries travel (pickle, torch.save): the kernel's prepared matrices and
+        # caches are derived from them and the product is a closure, rebuilt on load.
+        return {
+            name: getattr(self, name)
+            for name in ("row", "col", "value", "shape", "backend", "symmetric")
+        }
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)  # type: ignore[misc, arg-type]
+
     def _build(self) -> Callable[[Tensor], Tensor]:
         """The backend's differentiable ``x -> A @ x``."""
         if self.backend == "csr":
