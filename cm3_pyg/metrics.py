@@ -502,12 +502,17 @@ class FullRankingEvaluator:
                 tgt = tgt.to(scores.device)
             yield users, scores.detach(), exc, tgt
 
+    @property
+    def _batch_rows(self) -> int:
+        """Rows of the largest batch: the height of an evaluation's work buffers."""
+        return min(self.batch_size, self.num_eval_users)
+
     def _target_mask(self, scores: Tensor, mask: Tensor | None) -> Tensor:
         """The all-``False`` ``[batch rows, I]`` bool work buffer of one evaluation: made at
         its first batch, on the scores' device, and reused by every later batch."""
         if mask is None or mask.device != scores.device:
-            rows = min(self.batch_size, self.num_eval_users)
-            mask = torch.zeros(rows, self.num_items, dtype=torch.bool, device=scores.device)
+            shape = (self._batch_rows, self.num_items)
+            mask = torch.zeros(shape, dtype=torch.bool, device=scores.device)
         return mask
 
     def _accumulate(
@@ -581,8 +586,7 @@ class FullRankingEvaluator:
         that every batch reuses: a fresh ``B x I`` result per batch costs page faults that,
         at Elec scale, take as long as the GEMM itself."""
         item_t = self._check_embeddings(user_emb, item_emb)
-        rows = min(self.batch_size, self.num_eval_users)
-        out = item_t.new_empty(rows, self.num_items)
+        out = item_t.new_empty(self._batch_rows, self.num_items)
 
         def score(users: Tensor) -> Tensor:
             return torch.mm(user_emb[users], item_t, out=out[: users.numel()])
