@@ -90,6 +90,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.scales import MMREC_FEATURE_DIMS, generated_features
+from cm3_pyg import _hugepages
 from cm3_pyg.data.loading import DATA_ROOT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -501,6 +502,19 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
+def reference_env(huge_pages: bool = False) -> dict[str, str]:
+    """The environment a reference child runs in: this process's, without bytecode files,
+    and with ``THP_MEM_ALLOC_ENABLE=1`` when ``huge_pages``; otherwise without that variable
+    where ``cm3_pyg`` set it (the reference as shipped; a value the user exported stays)."""
+    env = dict(os.environ)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if huge_pages:
+        env[_hugepages.TORCH_ENV] = "1"
+    elif _hugepages.SET_BY_CM3:
+        env.pop(_hugepages.TORCH_ENV, None)
+    return env
+
+
 def time_reference(
     reference_dir: str,
     scale: str,
@@ -518,6 +532,7 @@ def time_reference(
     config: dict[str, Any] | None = None,
     model_args: dict[str, Any] | None = None,
     club: dict[str, Any] | None = None,
+    huge_pages: bool = False,
 ) -> dict[str, Any]:
     """Time a reference model (a copy of ``reference_dir``) on ``scale`` in a subprocess.
 
@@ -543,6 +558,10 @@ def time_reference(
         model_args: for a model whose constructor takes a third ``args`` (SEA: its
             command-line options), those options.
         club: for a trainer that takes a CLUB network (SEA), its ``CLUBSample`` sizes.
+        huge_pages: run the reference with ``THP_MEM_ALLOC_ENABLE=1`` (huge-page-aligned
+            large CPU tensors, what importing ``cm3_pyg`` sets for our side). By default it
+            runs as shipped: the variable is removed from its environment when ``cm3_pyg``
+            set it in this process (a value the user exported stays).
 
     Returns:
         A JSON-able dict: ``scale``, ``epoch_seconds``, ``median_epoch_seconds``,
@@ -609,8 +628,7 @@ def time_reference(
             "result_prefix": _RESULT_PREFIX,
             "error_prefix": _ERROR_PREFIX,
         }
-        env = dict(os.environ)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env = reference_env(huge_pages)
         out, err = run_dir / "stdout.txt", None if verbose else run_dir / "stderr.txt"
         cmd = [python or sys.executable, str(driver), json.dumps(args)]
         code, maxrss_kib = _run_child(cmd, src, env, out, err, timeout or 0)

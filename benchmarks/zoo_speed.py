@@ -18,11 +18,18 @@ The reference interpreter (``--reference-python``) needs pandas, scipy, pyyaml a
 LIRDRec, torch-dct, beside the same torch: ``pip install torch==2.13.0 pandas scipy pyyaml
 && pip install --no-deps torch-dct``. Both sides use torch's default thread count unless
 ``--threads`` is given.
+
+Our side runs with huge-page-aligned large CPU tensors (importing ``cm3_pyg`` sets
+``THP_MEM_ALLOC_ENABLE=1``, see :mod:`cm3_pyg._hugepages`); the reference runs as shipped.
+``--reference-huge-pages both`` times the reference a second time with the same variable
+set, so each row also carries the ratio against a reference given the same allocator
+setting (``on``: only that run).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -48,6 +55,8 @@ REFERENCES: dict[str, tuple[str, str]] = {
     "vbpr": ("MMRec", "VBPR"),
     "bprmf": ("MMRec", "BPR"),
 }
+#: ``--reference-huge-pages`` choices
+HUGE_PAGE_MODES = ("off", "on", "both")
 #: training keys that must agree on both sides
 SHARED_KEYS = ("learning_rate", "train_batch_size", "embedding_size", "weight_decay", "seed")
 
@@ -170,10 +179,17 @@ def sitting(
     reference_python: str | None,
     threads: int | None,
     progress_file: Path | None = None,
+    reference_huge_pages: str = "off",
 ) -> list[dict[str, Any]]:
     """Reference then ours, for every (scale, model), in that order. A side that fails is
     recorded in its row (``error``) and the sitting goes on; ``progress_file`` is rewritten
-    with the rows so far after each one."""
+    with the rows so far after each one. ``reference_huge_pages``: ``"off"`` (the
+    reference as shipped), ``"on"`` (with ``THP_MEM_ALLOC_ENABLE=1``) or ``"both"`` (as
+    shipped, then with it; the second run fills the ``reference_thp_*`` fields)."""
+    if reference_huge_pages not in HUGE_PAGE_MODES:
+        raise ValueError(
+            f"reference_huge_pages must be one of {HUGE_PAGE_MODES}, got {reference_huge_pages!r}"
+        )
     from benchmarks.reference_cm3 import time_reference
 
     env = dict(os.environ)
@@ -186,19 +202,25 @@ def sitting(
             checkout = refs / folder
             config = reference_config(model, checkout)
             print(f"{scale} {model}: reference {cls} ...", flush=True)
+            run_reference = functools.partial(
+                time_reference,
+                str(checkout),
+                scale,
+                epochs=epochs,
+                threads=threads,
+                data_root=data_root or os.environ.get("CM3_DATA_ROOT", "../shared/data"),
+                python=reference_python,
+                evaluate=False,
+                model=cls,
+                config=config,
+                **reference_extras(model),
+            )
             try:
-                reference = time_reference(
-                    str(checkout),
-                    scale,
-                    epochs=epochs,
-                    threads=threads,
-                    data_root=data_root or os.environ.get("CM3_DATA_ROOT", "../shared/data"),
-                    python=reference_python,
-                    evaluate=False,
-                    model=cls,
-                    config=config,
-                    **reference_extras(model),
-                )
+                reference = run_reference(huge_pages=reference_huge_pages == "on")
+                with_thp = None
+                if reference_huge_pages == "both":
+                    print(f"{scale} {model}: reference {cls} with huge pages ...", flush=True)
+                    with_thp = run_reference(huge_pages=True)
                 print(f"{scale} {model}: ours ...", flush=True)
                 ours = _ours_in_child(model, scale, epochs, data_root, cache_dir, env)
             except (RuntimeError, FileNotFoundError) as exc:
@@ -216,7 +238,12 @@ def sitting(
                 "ours_epoch_seconds": ours["epoch_seconds"],
                 "ours_median": ours["median_epoch_seconds"],
                 "ratio": ours["median_epoch_seconds"] / reference["median_epoch_seconds"],
+                "reference_huge_pages": reference_huge_pages == "on",
             }
+            if with_thp is not None:
+                row["reference_thp_epoch_seconds"] = with_thp["epoch_seconds"]
+                row["reference_thp_median"] = with_thp["median_epoch_seconds"]
+                row["ratio_thp"] = ours["median_epoch_seconds"] / with_thp["median_epoch_seconds"]
             print(
                 f"{scale} {model}: reference {row['reference_median']:.2f} s, ours "
                 f"{row['ours_median']:.2f} s, ratio {row['ratio']:.3f}",
@@ -229,10 +256,15 @@ def sitting(
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| scale | model | reference | reference s/epoch | ours s/epoch | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The rows as a table; with ``reference_thp_*`` fields in any row, two more columns
+    (the reference with huge pages and the ratio against it)."""
+    thp = any("reference_thp_median" in r for r in rows)
+    head = "| scale | model | reference | reference s/epoch | ours s/epoch | ratio |"
+    rule = "|---|---|---|---|---|---|"
+    if thp:
+        head += " reference s/epoch, huge pages | ratio to it |"
+        rule += "---|---|"
+    lines = [head, rule]
     for r in rows:
         if "error" in r:
             reason = r["error"].strip().splitlines()[-1][:120] if r["error"].strip() else "?"
@@ -240,10 +272,17 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             continue
         ref = ", ".join(f"{x:.2f}" for x in r["reference_epoch_seconds"])
         our = ", ".join(f"{x:.2f}" for x in r["ours_epoch_seconds"])
-        lines.append(
+        line = (
             f"| {r['scale']} | {r['model']} | {r['reference_model']} | {r['reference_median']:.2f}"
             f" ({ref}) | {r['ours_median']:.2f} ({our}) | {r['ratio']:.3f} |"
         )
+        if thp:
+            if "reference_thp_median" in r:
+                t = ", ".join(f"{x:.2f}" for x in r["reference_thp_epoch_seconds"])
+                line += f" {r['reference_thp_median']:.2f} ({t}) | {r['ratio_thp']:.3f} |"
+            else:
+                line += " | |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -257,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--reference-python", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--reference-huge-pages",
+        choices=HUGE_PAGE_MODES,
+        default="off",
+        help="the reference as shipped (off), with THP_MEM_ALLOC_ENABLE=1 (on), or both",
+    )
     parser.add_argument("--out", help="write the table (Markdown) and OUT.json here")
     parser.add_argument("--ours", help=argparse.SUPPRESS)  # child mode: one of our models
     args = parser.parse_args(argv)
@@ -281,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.reference_python,
         args.threads,
         Path(args.out).with_suffix(".json") if args.out else None,
+        args.reference_huge_pages,
     )
     table = markdown(rows)
     print(table)

@@ -19,6 +19,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from cm3_pyg._hugepages import request_huge_pages
+
+# Before any cm3_pyg module imports torch: PyTorch latches this at its first allocation.
+request_huge_pages()
+
 __version__ = "0.1.0"
 
 #: Root name -> module that defines it (imported on first use, so ``import cm3_pyg.nn``

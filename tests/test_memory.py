@@ -1,13 +1,19 @@
-"""retain_freed_memory: applied on glibc, switchable off, and it removes repeated page faults."""
+"""retain_freed_memory and huge pages: applied on glibc/Linux, switchable off, and they remove
+repeated page faults."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from benchmarks.reference_cm3 import reference_env
+from cm3_pyg import _hugepages
+from cm3_pyg._hugepages import OPT_OUT_ENV, TORCH_ENV, request_huge_pages
 from cm3_pyg.training.memory import RETAIN_ENV, retain_freed_memory
 
 glibc_linux = pytest.mark.skipif(
@@ -54,8 +60,15 @@ def test_freed_buffers_are_reused_without_page_faults():
         print(applied, before, after)
         """
     )
+    env = {**os.environ, OPT_OUT_ENV: "0"}  # 4 KiB pages: this counts glibc's reuse only
+    env.pop(TORCH_ENV, None)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=env,
     ).stdout.split()
     applied, before, after = out[0] == "True", float(out[1]), float(out[2])
     if not applied:
@@ -63,3 +76,87 @@ def test_freed_buffers_are_reused_without_page_faults():
     pages = 24 * 2**20 / 4096
     assert before > 0.5 * pages
     assert after < 0.05 * pages
+
+
+# --- huge pages for torch's large CPU tensors --------------------------------------------
+
+
+def test_request_sets_the_torch_switch_once_and_respects_the_user(monkeypatch):
+    monkeypatch.setattr(_hugepages, "SET_BY_CM3", False)
+    monkeypatch.delenv(TORCH_ENV, raising=False)
+    monkeypatch.delenv(OPT_OUT_ENV, raising=False)
+    assert request_huge_pages() is True
+    assert os.environ[TORCH_ENV] == "1" and _hugepages.SET_BY_CM3
+    # already set (here by the call above): left as it is
+    assert request_huge_pages() is False
+
+    monkeypatch.setattr(_hugepages, "SET_BY_CM3", False)
+    monkeypatch.setenv(TORCH_ENV, "0")  # the user's choice
+    assert request_huge_pages() is False
+    assert os.environ[TORCH_ENV] == "0" and not _hugepages.SET_BY_CM3
+
+    monkeypatch.delenv(TORCH_ENV)
+    monkeypatch.setenv(OPT_OUT_ENV, "0")
+    assert request_huge_pages() is False
+    assert TORCH_ENV not in os.environ
+
+
+def test_reference_children_run_as_shipped_unless_asked(monkeypatch):
+    monkeypatch.setenv(TORCH_ENV, "1")
+    monkeypatch.setattr(_hugepages, "SET_BY_CM3", True)
+    assert TORCH_ENV not in reference_env()
+    assert reference_env(huge_pages=True)[TORCH_ENV] == "1"
+    monkeypatch.setattr(_hugepages, "SET_BY_CM3", False)  # the user exported it
+    assert reference_env()[TORCH_ENV] == "1"
+    assert reference_env()["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not path.exists():
+        return None
+    text = path.read_text()
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(
+    _thp_mode() in (None, "never"), reason="no transparent huge pages on this system"
+)
+def test_importing_cm3_pyg_maps_large_tensors_in_huge_pages():
+    # A fresh 64 MiB tensor (above glibc's 32 MiB mmap cap, so mapped anew every time)
+    # faults once per 4 KiB page, 16k times, unless torch marks it MADV_HUGEPAGE; then once
+    # per 2 MiB. Importing cm3_pyg before torch allocates is what sets that up.
+    script = textwrap.dedent(
+        """
+        import os, resource
+        import cm3_pyg, torch
+        counts = []
+        for _ in range(5):
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            x = torch.empty(16 * 2**20); x.fill_(1.0); del x
+            counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), sorted(counts)[2])
+        """
+    )
+
+    def child(**extra: str) -> tuple[str, float]:
+        env = {k: v for k, v in os.environ.items() if k not in (TORCH_ENV, OPT_OUT_ENV)}
+        env.update(extra)
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+            env=env,
+        ).stdout.split()
+        return out[0], float(out[1])
+
+    pages = 64 * 2**20 / 4096
+    switch, faults = child()
+    assert switch == "1"
+    assert faults < 0.1 * pages
+    switch, faults = child(**{OPT_OUT_ENV: "0"})
+    assert switch == "None"
+    if _thp_mode() == "madvise":  # with "always" the kernel uses huge pages anyway
+        assert faults > 0.5 * pages
