@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.run import encoder_flops, load_scale, matmul_gflops
 from cm3_pyg.models import Batch, get_model_class
+from cm3_pyg.nn.precision import matmul_precision
 from cm3_pyg.training import load_config
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
 from cm3_pyg.training.memory import retain_freed_memory
@@ -64,7 +65,8 @@ def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list
         epoch = 0
         while True:  # per-epoch model state as the trainer sets it (not timed)
             epoch += 1
-            model.on_epoch_start(epoch, inputs)
+            with matmul_precision(trainer.precision):
+                model.on_epoch_start(epoch, inputs)
             yield from epoch_batches(train.size(1), batch_size, trainer.generator)
 
     model.train()
@@ -77,7 +79,8 @@ def time_phases(trainer: Trainer, steps: int, warmup: int = 3) -> dict[str, list
         cuts = [clock()]
         neg = trainer.sampler.sample(users, trainer.generator)
         cuts.append(clock())
-        terms = model.loss_terms(inputs, Batch(users, pos, neg))
+        with matmul_precision(trainer.precision):  # the trainer's operand precision
+            terms = model.loss_terms(inputs, Batch(users, pos, neg))
         loss = terms.total
         cuts.append(clock())
         for problem in trainer.inner_problems:  # SEA's CLUB steps; nothing for the others

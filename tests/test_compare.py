@@ -663,3 +663,129 @@ def test_user_metrics_file_errors_name_the_row_and_field(tmp_path):
         read_user_metrics(path)
     with pytest.raises(DataFormatError, match="cannot read per-user metrics"):
         read_user_metrics(tmp_path / "absent.csv")
+
+
+# --- grids shared between processes, and selected runs completed ---------------------------------
+
+
+def test_shards_split_the_plan_into_disjoint_interleaved_parts(tiny, tmp_path, monkeypatch):
+    grid = {"n_layers": [1, 2], "reg_weight": [0.1, 0.01]}
+    monkeypatch.setattr(get_model_class("bm3"), "default_grid", classmethod(lambda c: grid))
+
+    def valid(c):  # the combined point (2 layers, reg 0.01) is a new one
+        return 0.1 + 0.01 * (c["n_layers"] == 2) + 0.02 * (c["reg_weight"] == 0.01)
+
+    def runs(calls):
+        return [tuple(sorted(c.items())) for _, c, _ in calls]
+
+    kwargs = {"grid_mode": "coordinate", "reuse": False}
+    full = []
+    run_comparison(tiny, ["bm3"], [1, 2], tmp_path, runner=recording_runner(full, valid), **kwargs)
+    plan = runs(full)
+    assert len(plan) == 8  # 3 small-grid points and the combined one, two seeds each
+    parts = []
+    for k in (1, 2, 3):
+        calls = []
+        records = run_comparison(
+            tiny,
+            ["bm3"],
+            [1, 2],
+            tmp_path,
+            shard=(k, 3),
+            runner=recording_runner(calls, valid),
+            **kwargs,
+        )
+        assert len(records) == len(calls)
+        parts.append(runs(calls))
+    # every run before the coordinate step exactly once, shard k holding runs k, k+3, ...
+    for k, part in enumerate(parts):
+        assert part == plan[:6][k::3]
+    assert sorted(x for part in parts for x in part) == sorted(plan[:6])
+    for bad in ((0, 2), (3, 2), (1, 0)):
+        with pytest.raises(ConfigError, match="shard"):
+            run_comparison(tiny, ["bprmf"], [1], tmp_path, shard=bad, runner=recording_runner([]))
+
+
+def test_shard_argument_parsing(tmp_path, capsys):
+    from cm3_pyg.cli.compare import main
+
+    for bad in ("2", "0/2", "3/2", "a/b"):
+        with pytest.raises(SystemExit):
+            main(["--shard", bad, "--out", str(tmp_path)])
+        assert "--shard: expected K/N" in capsys.readouterr().err
+    # a shard trains its runs and writes no results; a last call reuses them and writes them
+    common = [
+        "--models",
+        "bprmf",
+        "--seeds",
+        "5,6",
+        "--budget",
+        "2",
+        "--epochs",
+        "1",
+        "--synthetic-size",
+        "120,80",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*common, "--shard", "2/2"]) == 0
+    runs = sorted(p.parent.name + "/" + p.name for p in (tmp_path / "runs").glob("*/*/seed*"))
+    assert len(runs) == 2 and not (tmp_path / "results.md").exists()
+    assert main([*common, "--shard", "1/2"]) == 0
+    assert len(list((tmp_path / "runs").glob("*/*/seed*/metrics.json"))) == 4
+    assert main(common) == 0
+    assert "| bprmf |" in (tmp_path / "results.md").read_text()
+
+
+def test_selected_runs_missing_their_per_user_files_are_retrained_identically(tiny, tmp_path):
+    from cm3_pyg.experiments import complete_selected_runs
+
+    kwargs = {"budget": 2, "epochs": 1, "overrides": {"train_batch_size": 1024}}
+    records = run_comparison(tiny, ["bprmf"], [3, 4], tmp_path, dataset_name="tiny", **kwargs)
+    selected = select_best(summarize(records))
+    chosen = [r for r in records if r.slug == selected["bprmf"].slug]
+    other = next(r for r in records if r.slug != selected["bprmf"].slug)
+    before = {r.seed: (tmp_path / r.path / TEST_USERS_NAME).read_text() for r in chosen}
+    # a grid kept in a durable place keeps only metrics.json of every run
+    for r in records:
+        for name in (TEST_USERS_NAME, "artifact.pt", "epochs.csv"):
+            (tmp_path / r.path / name).unlink()
+    retrained = []
+
+    def count(data, name, config, out_dir, **kw):
+        retrained.append((name, config["seed"], str(out_dir)))
+        return run_experiment(data, name, config, out_dir=out_dir, **kw)
+
+    again = run_comparison(
+        tiny,
+        ["bprmf"],
+        [3, 4],
+        tmp_path,
+        dataset_name="tiny",
+        runner=recording_runner([], valid=lambda c: math.nan),
+        **kwargs,
+    )
+    assert [r.valid for r in again] == [r.valid for r in records]  # reused, not trained
+    completed, notes = complete_selected_runs(
+        tiny, selected, again, dataset_name="tiny", runner=count
+    )
+    assert sorted(seed for _, seed, _ in retrained) == [3, 4]
+    assert {path for _, _, path in retrained} == {r.path for r in chosen}
+    for r in chosen:
+        assert (tmp_path / r.path / TEST_USERS_NAME).read_text() == before[r.seed]
+        assert (tmp_path / r.path / "artifact.pt").exists()
+    assert not (tmp_path / other.path / TEST_USERS_NAME).exists()  # not selected: left as is
+    assert len(notes) == 2 and all("difference +0.00e+00" in n for n in notes)
+    assert [r.test for r in completed] == [r.test for r in records]
+    # complete now: nothing more to retrain
+    assert (
+        complete_selected_runs(tiny, selected, completed, dataset_name="tiny", runner=count)[1]
+        == []
+    )
+    # a run saved on other content is refused, naming its metrics.json
+    (tmp_path / chosen[0].path / TEST_USERS_NAME).unlink()
+    changed = tiny.clone()
+    store = changed["user", "rates", "item"]
+    store.test_edge_index = store.test_edge_index[:, 1:]
+    with pytest.raises(DataFormatError, match="metrics.json: made on dataset 'tiny'"):
+        complete_selected_runs(changed, selected, completed, dataset_name="tiny", runner=count)

@@ -8,8 +8,11 @@ cm3-pyg compare --data-root ../shared/data --dataset tiktok \
 
 Writes results.md, results.csv, grid.csv, runs/<model>/<point>/seed<s>/metrics.json and,
 when matplotlib is installed (pip install 'cm3_pyg[plot]'), results.png. Finished runs whose
-configuration is unchanged are reused (--rerun retrains them). The logic lives in
-cm3_pyg.experiments.compare.
+configuration is unchanged are reused (--rerun retrains them). --shard K/N trains only every
+N-th run of the plan, from the K-th, and writes no results, so N processes or machines share
+one grid; a last call without it reuses their runs and writes the results. A selected run
+that kept only its metrics.json is retrained for its per-user metrics and artifact. The
+logic lives in cm3_pyg.experiments.compare.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from cm3_pyg.data.loading import DATA_ROOT_ENV, load_dataset
 from cm3_pyg.errors import CM3Error
 from cm3_pyg.experiments import (
     GRID_MODES,
+    complete_selected_runs,
     plot_results,
     run_comparison,
     select_best,
@@ -58,6 +62,17 @@ def _positive_int(text: str) -> int:
     if number < 1:
         raise ValueError("must be >= 1")
     return number
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    try:
+        shard = (int(k), int(n))
+    except ValueError:
+        shard = (0, 0)
+    if not sep or not 1 <= shard[0] <= shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard: expected K/N with 1 <= K <= N, got {text!r}")
+    return shard
 
 
 def _grid_mode(text: str) -> str:
@@ -195,6 +210,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already finished")
     parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="train only runs K, K+N, K+2N, ... of the plan and write no results (N processes "
+        "share one --out; a last call without --shard writes the results)",
+    )
+    parser.add_argument(
         "--keep-checkpoints", action="store_true", help="keep every run's checkpoint.pt"
     )
     parser.add_argument("--progress", action="store_true", help="per-epoch progress bars")
@@ -251,11 +274,28 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             reuse=not args.rerun,
             keep_checkpoints=args.keep_checkpoints,
             progress=args.progress,
+            shard=args.shard,
+        )
+        if args.shard is not None:
+            done = sum(r.stop_reason in ("completed", "early_stopping") for r in records)
+            logging.info(
+                "shard %d/%d: %d of its %d runs finished; run without --shard to write the results",
+                *args.shard,
+                done,
+                len(records),
+            )
+            return 0
+        summaries = summarize(records)
+        selected = select_best(summaries)
+        records, retrained = complete_selected_runs(
+            data, selected, records, dataset_name=name, progress=args.progress
         )
     except (CM3Error, ValueError, OSError, KeyboardInterrupt) as exc:
         return report_error(exc, "; finished runs are kept and reused next time")
+    # the same points, now with the retrained runs' values
     summaries = summarize(records)
-    selected = select_best(summaries)
+    chosen = {(s.model, s.slug) for s in selected.values()}
+    selected = {s.model: s for s in summaries if (s.model, s.slug) in chosen}
     meta = {
         "dataset": name,
         "models": ", ".join(models),
@@ -268,6 +308,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     }
     try:
         tests = significance(selected, records)
+        tests.notes.extend(retrained)
         paths = write_results(out, summaries, selected, meta, significance=tests)
     except (CM3Error, OSError) as exc:
         return report_error(exc, "; finished runs are kept and reused next time")

@@ -45,6 +45,7 @@ from cm3_pyg.io import atomic_write_text
 from cm3_pyg.models import get_model_class
 from cm3_pyg.plotting import pyplot, save_figure
 from cm3_pyg.training import TEST_USERS_NAME, load_config, read_user_metrics, run_experiment
+from cm3_pyg.training.artifact import ARTIFACT_NAME
 from cm3_pyg.training.experiment import clear_run_folder
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "RunRecord",
     "SignificanceReport",
     "choose_points",
+    "complete_selected_runs",
     "coordinate_point",
     "grid_points",
     "model_grid",
@@ -316,6 +318,7 @@ def run_comparison(
     reuse: bool = True,
     keep_checkpoints: bool = False,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
     runner: Callable[..., dict[str, Any]] = run_experiment,
 ) -> list[RunRecord]:
     """Train every model at every chosen grid point with every seed.
@@ -348,10 +351,15 @@ def run_comparison(
         keep_checkpoints: let every run write its ``checkpoint.pt`` (per-epoch model and
             optimizer state; large for big models), off by default.
         progress: per-epoch progress bars.
+        shard: ``(k, n)``, 1 <= k <= n: only the runs ``k, k + n, k + 2n, ...`` (1-based) of
+            the full plan (models, then points, then seeds), so ``n`` processes or machines
+            share one grid in one ``out_dir``, each writing only its own run folders; the
+            coordinate step, which needs every run's score, is left to a later call without
+            ``shard``, which reuses the finished runs. Only this shard's records are returned.
         runner: the function that trains one run (tests may substitute it).
 
     Raises:
-        ConfigError: an unknown model, a bad grid, budget or configuration, or a model
+        ConfigError: an unknown model, a bad grid, budget, shard or configuration, or a model
             needing more modalities than the data offers (all checked before anything trains).
     """
     if not models:
@@ -372,6 +380,10 @@ def run_comparison(
             raise ConfigError(f"{what} given for models that are not compared: {unused}")
     if not seeds:
         raise ConfigError("no seeds given")
+    if shard is not None:
+        k, n = shard
+        if not (isinstance(k, int) and isinstance(n, int) and 1 <= k <= n):
+            raise ConfigError(f"shard must be (k, n) with 1 <= k <= n, got {shard!r}")
     base = dict(overrides or {})
     if epochs is not None:
         base["epochs"] = int(epochs)
@@ -408,6 +420,10 @@ def run_comparison(
         for point in points:
             for seed in seeds:
                 plan.append((cls.name, point, int(seed), make_config(cls.name, point, seed)))
+    if shard is not None:
+        k, n = shard
+        plan = plan[k - 1 :: n]
+        logger.info("shard %d/%d: %d runs of the plan", k, n, len(plan))
     root = Path(out_dir) / "runs"
     data_hash = content_hash(data) if reuse else ""
 
@@ -441,6 +457,9 @@ def run_comparison(
     # after every small-grid run: validation scores only decide the combined point
     for name in dict.fromkeys(entry[0] for entry in plan):
         if grid_modes.get(name, grid_mode) != "coordinate":
+            continue
+        if shard is not None:
+            logger.info("%s: the coordinate step waits for a call without a shard", name)
             continue
         own = [r for r in records if r.model == name]
         scored = [(summary.point, summary.valid_mean) for summary in summarize(own)]
@@ -541,6 +560,86 @@ def select_best(summaries: Sequence[PointSummary]) -> dict[str, PointSummary]:
         if current is None or summary.valid_mean > current.valid_mean:
             best[summary.model] = summary
     return best
+
+
+#: what a selected run's folder must hold for the tests over users and the geometry analysis
+SELECTED_RUN_FILES = (TEST_USERS_NAME, ARTIFACT_NAME)
+
+
+def complete_selected_runs(
+    data: HeteroData,
+    selected: Mapping[str, PointSummary],
+    records: Sequence[RunRecord],
+    *,
+    dataset_name: str,
+    progress: bool = False,
+    runner: Callable[..., dict[str, Any]] = run_experiment,
+) -> tuple[list[RunRecord], list[str]]:
+    """Retrain the selected points' runs whose folder kept only ``metrics.json``.
+
+    A grid too long for one machine's session keeps every run's ``metrics.json`` (small) in a
+    durable place and drops the large per-run files (:data:`SELECTED_RUN_FILES`: per-user test
+    metrics, a few MB each, and the artifact). Only the selected points need them, for the
+    paired tests over users and the embedding analysis, so those runs are trained again from
+    the configuration their ``metrics.json`` records (same seed), once the selection, which
+    read validation scores only, is made. The selection is not revisited.
+
+    Returns:
+        The records with the retrained runs replaced, and one note per retrained run giving
+        its selection-metric difference from the saved run (0 where training is
+        deterministic on this machine).
+
+    Raises:
+        DataFormatError: a selected run's ``metrics.json`` cannot be read, or it was made on
+            another dataset or other content than ``data``.
+    """
+    out = list(records)
+    notes: list[str] = []
+    data_hash = content_hash(data)
+    for model, summary in selected.items():
+        for index, run in enumerate(out):
+            if run.model != model or run.slug != summary.slug or run.path is None:
+                continue
+            path = Path(run.path)
+            if all((path / name).exists() for name in SELECTED_RUN_FILES):
+                continue
+            file = path / "metrics.json"
+            try:
+                saved = json.loads(file.read_text(encoding="utf-8"))
+                config = dict(saved["config"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataFormatError(f"{file}: cannot read the run's config ({exc})") from None
+            if saved.get("dataset") != dataset_name or saved.get("data_hash") != data_hash:
+                raise DataFormatError(
+                    f"{file}: made on dataset {saved.get('dataset')!r} with content "
+                    f"{saved.get('data_hash')!r}, not on {dataset_name!r} ({data_hash})"
+                )
+            logger.info(
+                "%s %s seed %d: retraining for its per-user metrics and artifact",
+                model,
+                describe_point(run.point),
+                run.seed,
+            )
+            clear_run_folder(path)
+            metrics = runner(
+                data,
+                model,
+                config,
+                out_dir=path,
+                dataset_name=dataset_name,
+                progress=progress,
+                checkpoint=False,
+            )
+            fresh = _record(model, run.point, run.seed, metrics, path)
+            before = run.valid.get(SELECTION_METRIC, math.nan)
+            after = fresh.valid.get(SELECTION_METRIC, math.nan)
+            notes.append(
+                f"{model} {describe_point(run.point)} seed {run.seed}: retrained for its "
+                f"per-user files; validation {SELECTION_METRIC} {before:.6f} -> {after:.6f} "
+                f"(difference {after - before:+.2e})"
+            )
+            out[index] = fresh
+    return out, notes
 
 
 # --- significance -----------------------------------------------------------------------------

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
-from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, rows, use_kernel
+from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, kernels_enabled, rows, use_kernel
 from cm3_pyg.nn.parallel import active_split, gather_rows
+from cm3_pyg.nn.precision import compute_dtype, low_precision
 
 __all__ = ["WIDE_INPUT_FEATURES", "feature_linear", "normalize_rows", "normalized_concat"]
 
@@ -107,7 +109,9 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     as :math:`(x^\top g)^\top` (autograd forms :math:`g^\top x`, the weight's own layout):
     with MKL that GEMM layout was the faster one for wide feature tables such as 4096-d
     images (BENCHMARKS.md); for narrower inputs autograd's is kept. Inside
-    :func:`cm3_pyg.nn.parallel.split_rows` each process computes its block of rows.
+    :func:`cm3_pyg.nn.parallel.split_rows` each process computes its block of rows. Inside
+    :func:`cm3_pyg.nn.precision.matmul_precision` ``("bf16")`` the product takes bfloat16
+    operands and returns float32 (the bias added in float32).
 
     Args:
         x: ``[N, D]``.
@@ -143,6 +147,12 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 
 def _feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    dtype = compute_dtype()
+    if dtype is not None and x.dtype != dtype and kernels_enabled():
+        # matmul_precision("bf16"): bf16 operands (a constant table converted once), the
+        # product back in float32 before the bias, float32 gradients for the weight.
+        out = F.linear(low_precision(x, dtype), weight.to(dtype)).to(x.dtype)
+        return out if bias is None else out + bias
     if not use_kernel("feature_linear", x):
         return reference.feature_linear(x, weight, bias)
     return rows.feature_linear(x, weight, bias)

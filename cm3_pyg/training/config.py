@@ -22,6 +22,7 @@ from cm3_pyg.errors import ConfigError
 from cm3_pyg.metrics import METRIC_NAMES
 from cm3_pyg.nn.objectives import REDUCTIONS, objective_names
 from cm3_pyg.nn.optim import OPTIMIZERS
+from cm3_pyg.nn.precision import check_precision
 from cm3_pyg.nn.sparse import check_backend
 from cm3_pyg.training.sampler import NEGATIVE_POOLS
 
@@ -197,6 +198,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"config key 'device': {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' is {str(device)!r} but CUDA is not available")
+    try:
+        check_precision(str(config["precision"]), device)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'precision': {exc}") from None
     duplicates = config["duplicate_interactions"]
     if duplicates not in ("warn", "error"):
         raise ConfigError(

@@ -19,6 +19,7 @@ from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
 from cm3_pyg.nn.optim import make_adam, make_optimizer
 from cm3_pyg.nn.parallel import split_rows
+from cm3_pyg.nn.precision import matmul_precision
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
 from cm3_pyg.training.distributed import World
 from cm3_pyg.training.inputs import Splits
@@ -214,6 +215,8 @@ class Trainer:
         self.progress = progress
         self.checkpoint = checkpoint
         self.fault_injector = fault_injector
+        # operand precision of the encoders' and pairwise losses' products (float32 default)
+        self.precision = str(config["precision"])
         self.ks = tuple(config["topk"])
         self.valid_metric = str(config["valid_metric"]).lower()
         lr = float(config["learning_rate"])
@@ -314,7 +317,7 @@ class Trainer:
                 optimizer step, so that batch never updates the model).
         """
         self.model.train()
-        with split_rows(self.split):
+        with split_rows(self.split), matmul_precision(self.precision):
             self.model.on_epoch_start(epoch, self.inputs)
         decay = float(self.config["lr_decay"])
         if decay != 1.0:  # exponential decay per epoch, a function of the epoch alone
@@ -341,7 +344,7 @@ class Trainer:
             rows = rows.to(self.device)
             users, pos = train[0, rows], train[1, rows]
             neg = self.sampler.sample(users, self.generator, self.num_negatives)
-            with split_rows(self.split):
+            with split_rows(self.split), matmul_precision(self.precision):
                 terms = self.model.loss_terms(self.inputs, Batch(users, pos, neg))
             loss = terms.total
             if self.fault_injector is not None:
@@ -368,7 +371,7 @@ class Trainer:
     def fit_inner(self, problem: InnerProblem, data: Any) -> None:
         """``problem.steps`` steps of its own optimiser on ``model.inner_loss(name, data)``."""
         optimizer = self.inner_optimizers[problem.name]
-        with torch.enable_grad():
+        with torch.enable_grad(), matmul_precision(self.precision):
             for _ in range(problem.steps):
                 loss = self.model.inner_loss(problem.name, data)
                 optimizer.zero_grad(set_to_none=True)
@@ -392,7 +395,7 @@ class Trainer:
     def embed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's evaluation embeddings (:meth:`Recommender.embed`), its row-wise work
         divided among the processes when there are several."""
-        with split_rows(self.split):
+        with split_rows(self.split), matmul_precision(self.precision):
             return self.model.embed(self.inputs)
 
     def fit(self) -> FitResult:

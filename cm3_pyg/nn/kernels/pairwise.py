@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from cm3_pyg.nn.kernels import host_checks_are_free
+from cm3_pyg.nn.precision import compute_dtype
 
 __all__ = ["TILE_ROWS", "info_nce", "pairwise_log_sum_exp"]
 
@@ -40,9 +41,22 @@ def _symmetric_tiles(n: int) -> tuple[tuple[slice, slice], ...]:
 
 
 def _symmetric_matmul(
-    tiles: Sequence[Tensor], cuts: tuple[tuple[slice, slice], ...], y: Tensor
+    tiles: Sequence[Tensor],
+    cuts: tuple[tuple[slice, slice], ...],
+    y: Tensor,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``M @ y`` for the symmetric ``M`` stored as its :func:`_symmetric_tiles` tiles."""
+    """``M @ y`` for the symmetric ``M`` stored as its :func:`_symmetric_tiles` tiles
+    (``dtype``: the products' operand dtype, float32 sums)."""
+    if dtype is not None:
+        low = y.to(dtype)
+        out = y.new_zeros(y.shape)
+        for tile, (rows, cols) in zip(tiles, cuts, strict=True):
+            tile_low = tile.to(dtype)
+            out[rows] += tile_low @ low[cols]
+            if rows != cols:
+                out[cols] += tile_low.t() @ low[rows]
+        return out
     if len(tiles) == 1:
         return tiles[0] @ y
     out = y.new_zeros(y.shape)
@@ -108,6 +122,11 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         else:
             diagonal = torch.log(counts * (counts - 1.0))
         cuts = _symmetric_tiles(x.size(0))
+        dtype = compute_dtype() if x.dtype == torch.float32 else None
+        if dtype is not None:
+            # reduced products: the Gram part in bf16, the row terms added in float32
+            left = (scaled.to(dtype), bias)
+            right = None
         shift = None
         if host_checks_are_free(x.device):
             if unit_features is not None:
@@ -116,13 +135,14 @@ class _PairwiseLogSumExp(torch.autograd.Function):
                 low = 0.0 if sim is None else float(sim.min())
             top = 0.0 if counts is None else 2.0 * float(counts.max().log())
             shift = top - 2.0 * t * low
-        args = (left, right, diagonal, sim, unit_features, min_sim, max_sim, t, cuts)
+        args = (left, right, diagonal, sim, unit_features, min_sim, max_sim, t, cuts, dtype)
         tiles, keeps, total, peak = _exp_tiles(*args, shift=shift)
         if shift is not None and not 1e-15 < float(total) < float("inf"):
             tiles, keeps, total, peak = _exp_tiles(*args, shift=None)
         ctx.cuts = cuts
         ctx.save_for_backward(x, total, unit_features, *tiles, *keeps)
         ctx.t = t
+        ctx.dtype = dtype  # the backward's products follow the forward's, wherever it runs
         return peak + total.log()
 
     @staticmethod
@@ -143,19 +163,20 @@ class _PairwiseLogSumExp(torch.autograd.Function):
             grad_sim.mul_(scale * -2.0 * t)
         if ctx.needs_input_grad[0]:
             ones = torch.ones_like(x[:, :1])
-            px = _symmetric_matmul(weights, cuts, torch.cat([x, ones], dim=-1))
+            px = _symmetric_matmul(weights, cuts, torch.cat([x, ones], dim=-1), ctx.dtype)
             d = x.size(1)
             grad_x = (px[:, :d] - px[:, d:] * x) * (scale * 4.0 * t)
         if ctx.needs_input_grad[3]:
             # d cos_ab: only where the clamp passed it (as torch.clamp).
             masked = [w * k for w, k in zip(weights, keeps, strict=True)] if keeps else weights
-            grad_features = _symmetric_matmul(masked, cuts, unit_features) * (scale * -4.0 * t)
+            grad_features = _symmetric_matmul(masked, cuts, unit_features, ctx.dtype)
+            grad_features.mul_(scale * -4.0 * t)
         return grad_x, None, grad_sim, grad_features, None, None, None
 
 
 def _exp_tiles(
-    left: Tensor,
-    right: Tensor,
+    left: Tensor | tuple[Tensor, Tensor],
+    right: Tensor | None,
     diagonal: Tensor,
     sim: Tensor | None,
     unit_features: Tensor | None,
@@ -163,21 +184,37 @@ def _exp_tiles(
     max_sim: float | None,
     t: float,
     cuts: tuple[tuple[slice, slice], ...],
+    dtype: torch.dtype | None,
     shift: float | None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     r"""The tiles of :math:`e^{\ell - c}`, the clamp masks, their total and the shift ``c``.
 
-    ``shift=None`` shifts by the exact maximum (all tiles are formed first); a number is
-    applied to each tile as soon as it is formed.
+    ``left``/``right``: the augmented rows; with ``dtype`` (reduced products) ``left`` is
+    ``(scaled rows in dtype, float32 row terms)`` and ``right`` is ``None``. ``shift=None``
+    shifts by the exact maximum (all tiles are formed first); a number is applied to each
+    tile as soon as it is formed.
     """
     tiles: list[Tensor] = []
     keeps: list[Tensor] = []
-    total = left.new_zeros(())
+    like = left[1] if isinstance(left, tuple) else left
+    total = like.new_zeros(())
+    features_low = None
+    if dtype is not None and unit_features is not None:
+        features_low = unit_features.detach().to(dtype)
     for rows, cols in cuts:
-        tile = left[rows] @ right[cols].t()
+        if isinstance(left, tuple):
+            low, bias = left
+            tile = (low[rows] @ low[cols].t()).to(bias.dtype)
+            tile.add_(bias[rows]).add_(bias[cols].t())
+        else:
+            assert right is not None
+            tile = left[rows] @ right[cols].t()
         part = None
         if unit_features is not None:
-            part = unit_features[rows] @ unit_features[cols].t()
+            if features_low is not None:
+                part = (features_low[rows] @ features_low[cols].t()).to(unit_features.dtype)
+            else:
+                part = unit_features[rows] @ unit_features[cols].t()
             if (min_sim, max_sim) != (None, None):
                 if unit_features.requires_grad:
                     # torch.clamp's gradient rule: it passes where min <= cos <= max, i.e.
@@ -203,7 +240,7 @@ def _exp_tiles(
             total = total + tile.sum() * (1.0 if rows == cols else 2.0)
         tiles.append(tile)
     if shift is not None:
-        return tiles, keeps, total, left.new_tensor(shift)
+        return tiles, keeps, total, like.new_tensor(shift)
     peak = torch.stack([tile.max() for tile in tiles]).max()
     for tile, (rows, cols) in zip(tiles, cuts, strict=True):
         tile.sub_(peak).exp_()
@@ -224,13 +261,16 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, other: Tensor, block_rows: int) -> Tensor:
         n = anchor.size(0)
+        dtype = compute_dtype() if anchor.dtype == torch.float32 else None
+        a, o = (anchor, other) if dtype is None else (anchor.to(dtype), other.to(dtype))
         lse = anchor.new_empty(n)
         for start in range(0, n, block_rows):
             rows = slice(start, min(start + block_rows, n))
-            lse[rows] = torch.logsumexp(anchor[rows] @ other.t(), dim=1)
+            lse[rows] = torch.logsumexp((a[rows] @ o.t()).to(anchor.dtype), dim=1)
         positive = (anchor * other).sum(dim=1)
         ctx.save_for_backward(anchor, other, lse)
         ctx.block_rows = block_rows
+        ctx.dtype = dtype
         return (lse - positive).mean()
 
     @staticmethod
@@ -238,13 +278,21 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         anchor, other, lse = ctx.saved_tensors
         n = anchor.size(0)
+        dtype = ctx.dtype
+        a, o = (anchor, other) if dtype is None else (anchor.to(dtype), other.to(dtype))
         grad_anchor = torch.empty_like(anchor)
         grad_other = torch.zeros_like(other)
         for start in range(0, n, ctx.block_rows):
             rows = slice(start, min(start + ctx.block_rows, n))
-            weights = (anchor[rows] @ other.t()).sub_(lse[rows].unsqueeze(1)).exp_()
-            grad_anchor[rows] = weights @ other
-            grad_other.addmm_(weights.t(), anchor[rows])
+            logits = (a[rows] @ o.t()).to(anchor.dtype)
+            weights = logits.sub_(lse[rows].unsqueeze(1)).exp_()
+            if dtype is None:
+                grad_anchor[rows] = weights @ other
+                grad_other.addmm_(weights.t(), anchor[rows])
+            else:
+                low = weights.to(dtype)
+                grad_anchor[rows] = low @ o
+                grad_other += low.t() @ a[rows]
         scale = grad / n
         # d/d<a_i, o_i> of the positive term is -1 on the diagonal.
         grad_anchor = grad_anchor.sub_(other).mul_(scale)
