@@ -29,6 +29,7 @@ from cm3_pyg.models import Batch, get_model_class
 from cm3_pyg.nn.precision import matmul_precision, precision_supported
 from cm3_pyg.training import load_config
 from cm3_pyg.training.inputs import build_graph_inputs, get_splits
+from cm3_pyg.training.memory import retain_freed_memory
 from cm3_pyg.training.trainer import Trainer, seed_everything
 
 SIDES = ("float32", "bf16")
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not precision_supported("bf16", "cpu"):
         parser.error("this CPU has no native bfloat16 products (AVX-512 BF16 or AMX)")
+    retain_freed_memory()  # as the training CLIs
     data = load_scale(args.scale, args.data_root, args.cache_dir)
     results = []
     for name in (m for m in args.models.split(",") if m):

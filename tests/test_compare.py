@@ -789,3 +789,34 @@ def test_selected_runs_missing_their_per_user_files_are_retrained_identically(ti
     store.test_edge_index = store.test_edge_index[:, 1:]
     with pytest.raises(DataFormatError, match="metrics.json: made on dataset 'tiny'"):
         complete_selected_runs(changed, selected, completed, dataset_name="tiny", runner=count)
+
+
+def test_a_run_saved_before_a_key_existed_is_reused_while_that_key_is_at_its_default(
+    tiny, tmp_path
+):
+    kwargs = {"budget": 1, "epochs": 1, "dataset_name": "tiny"}
+    (record,) = run_comparison(tiny, ["bprmf"], [7], tmp_path, **kwargs)
+    file = tmp_path / record.path / "metrics.json"
+    saved = json.loads(file.read_text())
+    del saved["config"]["lr_decay"]  # as written before the key was added
+    file.write_text(json.dumps(saved))
+    calls = []
+    (again,) = run_comparison(
+        tiny, ["bprmf"], [7], tmp_path, runner=recording_runner(calls), **kwargs
+    )
+    assert calls == [] and again.valid == record.valid  # 1.0 is the default: reused
+    # another value of the key the run predates, or a key the current config lacks: retrain
+    run_comparison(
+        tiny,
+        ["bprmf"],
+        [7],
+        tmp_path,
+        runner=recording_runner(calls),
+        overrides={"lr_decay": 0.5},
+        **kwargs,
+    )
+    assert len(calls) == 1
+    saved["config"]["no_such_key"] = 1
+    (tmp_path / record.path / "metrics.json").write_text(json.dumps(saved))
+    run_comparison(tiny, ["bprmf"], [7], tmp_path, runner=recording_runner(calls), **kwargs)
+    assert len(calls) == 2

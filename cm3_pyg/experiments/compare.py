@@ -264,11 +264,33 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _same_config(
+    saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> bool:
+    """``saved == current``, except that a key the saved run predates counts as equal when
+    ``current`` holds that key's default (a later option whose default keeps the behaviour
+    the run was trained with), so a grid kept across releases stays reusable."""
+    if set(saved) - set(current):
+        return False
+    for key, value in current.items():
+        if key in saved:
+            if saved[key] != value:
+                return False
+        elif key not in defaults or defaults[key] != value:
+            return False
+    return True
+
+
 def _reusable(
-    path: Path, config: Mapping[str, Any], dataset: str, data_hash: str
+    path: Path,
+    config: Mapping[str, Any],
+    dataset: str,
+    data_hash: str,
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The finished run's metrics in ``path`` if it used ``dataset`` with the same content
-    (:func:`~cm3_pyg.data.hetero.content_hash`) and exactly ``config``."""
+    (:func:`~cm3_pyg.data.hetero.content_hash`) and ``config`` (:func:`_same_config`
+    against the full ``defaults``; without them, exactly ``config``)."""
     file = path / "metrics.json"
     if not file.exists():
         return None
@@ -280,7 +302,15 @@ def _reusable(
         return None
     if saved.get("dataset") != dataset or saved.get("data_hash") != data_hash:
         return None
-    return saved if saved.get("config") == _jsonable(dict(config)) else None
+    saved_config = saved.get("config")
+    if not isinstance(saved_config, dict):
+        return None
+    current = _jsonable(dict(config))
+    if defaults is None:
+        same = saved_config == current
+    else:
+        same = _same_config(saved_config, current, _jsonable(dict(defaults)))
+    return saved if same else None
 
 
 def _record(
@@ -426,10 +456,15 @@ def run_comparison(
         logger.info("shard %d/%d: %d runs of the plan", k, n, len(plan))
     root = Path(out_dir) / "runs"
     data_hash = content_hash(data) if reuse else ""
+    # every key at its default, for runs saved before a key existed (_same_config)
+    defaults = {
+        name: load_config(get_model_class(name).default_config())
+        for name in dict.fromkeys(e[0] for e in plan)
+    }
 
     def train(name: str, point: Params, seed: int, config: dict[str, Any]) -> RunRecord:
         path = root / name / point_slug(point) / f"seed{seed}"
-        saved = _reusable(path, config, dataset_name, data_hash) if reuse else None
+        saved = _reusable(path, config, dataset_name, data_hash, defaults[name]) if reuse else None
         if saved is not None:
             logger.info("%s %s seed %d: reusing %s", name, describe_point(point), seed, path)
             return _record(name, point, seed, saved, path)
