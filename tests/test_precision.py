@@ -3,6 +3,8 @@ operands against float64 computations of the same rounded operands, float32 else
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -209,3 +211,53 @@ def test_cm3_trains_in_bf16_close_to_float32():
     )
     assert losses["bf16"] != losses["float32"]
     assert abs(valid["bf16"] - valid["float32"]) < 0.1
+
+
+# --- the accuracy comparison of benchmarks/precision_accuracy.py ----------------------------
+
+
+def _fake_runs(folder, seeds, shift, precision, user_values=None):
+    from cm3_pyg.metrics import PerUserMetrics
+    from cm3_pyg.training import TEST_USERS_NAME, write_user_metrics
+
+    for i, seed in enumerate(seeds):
+        run = folder / f"seed{seed}"
+        run.mkdir(parents=True)
+        test = {m: 0.1 + 0.01 * i + shift for m in ("recall@20", "ndcg@20", "recall@10", "ndcg@10")}
+        metrics = {
+            "config": {"seed": seed, "precision": precision, "gamma": 0.9},
+            "stop_reason": "early_stopping",
+            "valid": {"recall@20": 0.11 + shift},
+            "test": test,
+            "best_epoch": 10 + i,
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        if user_values is not None:
+            values = {m: user_values + shift for m in test}
+            per_user = PerUserMetrics(torch.arange(len(user_values)), values)
+            write_user_metrics(run / TEST_USERS_NAME, per_user, [str(u) for u in range(4)])
+
+
+def test_the_accuracy_report_pairs_seeds_and_users(tmp_path):
+    import math
+
+    from benchmarks.precision_accuracy import report
+
+    users = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    _fake_runs(tmp_path / "a", [1, 2, 3], 0.0, "float32", users)
+    _fake_runs(tmp_path / "b", [1, 2, 3], -0.002, "bf16", users)
+    text = report(tmp_path / "a", tmp_path / "b", samples=200)
+    assert "| 1 | 0.1100 | 0.1080 | 0.1000 | 0.0980 |" in text
+    # every seed (and user) differs by exactly +0.002: zero spread, p = 0
+    seeds_row = next(line for line in text.splitlines() if line.startswith("| recall@20 | seeds"))
+    assert "| 3 | 0.1100 | 0.1080 | +0.0020 | +inf | 0 |" in seeds_row
+    assert any(line.startswith("| recall@20 | users | 4 |") for line in text.splitlines())
+    # a point that differs in more than precision is refused
+    (tmp_path / "c").mkdir()
+    _fake_runs(tmp_path / "c", [1, 2], 0.0, "bf16")
+    saved = json.loads((tmp_path / "c" / "seed1" / "metrics.json").read_text())
+    saved["config"]["gamma"] = 0.5
+    (tmp_path / "c" / "seed1" / "metrics.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"differ in more than precision: \['gamma'\]"):
+        report(tmp_path / "a", tmp_path / "c")
+    assert math.isfinite(float(seeds_row.split("|")[4]))
