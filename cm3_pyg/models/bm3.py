@@ -38,6 +38,7 @@ from cm3_pyg.checks import Range
 from cm3_pyg.models._common import FeatureOffsets, embedding_norm_penalty, split_users_items
 from cm3_pyg.models.base import Batch, GraphInputs, LossTerms, Recommender
 from cm3_pyg.nn import UserItemPropagation
+from cm3_pyg.nn.precision import reduced_linear
 from cm3_pyg.nn.sparse import SparseAdjacency
 
 
@@ -142,7 +143,7 @@ class BM3(Recommender):
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
         return [
-            encoder(self.feature_offsets(m, x, items))
+            reduced_linear(self.feature_offsets(m, x, items), encoder.weight, encoder.bias)
             for m, (encoder, x) in enumerate(zip(self.encoders, features, strict=True))
         ]
 

@@ -48,6 +48,7 @@ from cm3_pyg.models._common import (
 )
 from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
 from cm3_pyg.nn import UserItemPropagation, bpr_loss, spmm
+from cm3_pyg.nn.precision import reduced_linear
 from cm3_pyg.nn.sparse import SparseAdjacency
 
 
@@ -201,7 +202,7 @@ class FREEDOM(Recommender):
         if len(features) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} feature tensors, got {len(features)}")
         return [
-            proj(self.feature_offsets(m, x, items))
+            reduced_linear(self.feature_offsets(m, x, items), proj.weight, proj.bias)
             for m, (proj, x) in enumerate(zip(self.projections, features, strict=True))
         ]
 

@@ -24,6 +24,7 @@ from torch.nn import Linear, Parameter
 
 from cm3_pyg.models._common import embedding_norm_penalty
 from cm3_pyg.models.base import Batch, BatchRows, GraphInputs, Recommender
+from cm3_pyg.nn.precision import reduced_addmm
 
 
 class VBPR(Recommender):
@@ -88,7 +89,7 @@ class VBPR(Recommender):
         offset = 0
         for x in features:
             block = weight[:, offset : offset + x.size(1)]
-            projected = torch.addmm(projected, x, block.t())
+            projected = reduced_addmm(projected, x, block.t())
             offset += x.size(1)
         return torch.cat([ids, projected], dim=-1)
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, kernels_enabled, rows, use_kernel
 from cm3_pyg.nn.parallel import active_split, gather_rows
-from cm3_pyg.nn.precision import compute_dtype, low_precision
+from cm3_pyg.nn.precision import compute_dtype, reduced_linear
 
 __all__ = ["WIDE_INPUT_FEATURES", "feature_linear", "normalize_rows", "normalized_concat"]
 
@@ -151,8 +150,7 @@ def _feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if dtype is not None and x.dtype != dtype and kernels_enabled():
         # matmul_precision("bf16"): bf16 operands (a constant table converted once), the
         # product back in float32 before the bias, float32 gradients for the weight.
-        out = F.linear(low_precision(x, dtype), weight.to(dtype)).to(x.dtype)
-        return out if bias is None else out + bias
+        return reduced_linear(x, weight, bias)
     if not use_kernel("feature_linear", x):
         return reference.feature_linear(x, weight, bias)
     return rows.feature_linear(x, weight, bias)

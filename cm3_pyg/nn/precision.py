@@ -1,8 +1,9 @@
 """Reduced-precision products: bfloat16 operands, float32 everywhere else.
 
 ``with matmul_precision("bf16"): ...`` makes the wide dense products of :mod:`cm3_pyg.nn`
-take bfloat16 operands: the modality encoders' first layer (:func:`~cm3_pyg.nn.feature_linear`)
-and the Gram matrices of the pairwise losses (:func:`~cm3_pyg.nn.uniformity_loss`,
+take bfloat16 operands: the modality encoders' first layer (:func:`~cm3_pyg.nn.feature_linear`,
+and :func:`reduced_linear` where a model's encoder reads fine-tuned features) and the Gram
+matrices of the pairwise losses (:func:`~cm3_pyg.nn.uniformity_loss`,
 :func:`~cm3_pyg.nn.calibrated_uniformity_loss`, :func:`~cm3_pyg.nn.info_nce_loss`). Each such
 product's result is turned back into float32 at once, so parameters, gradients, optimizer
 state, propagation, exponentials and sums stay float32. Outside the context (the default,
@@ -36,6 +37,8 @@ __all__ = [
     "low_precision",
     "matmul_precision",
     "precision_supported",
+    "reduced_addmm",
+    "reduced_linear",
     "reduced_matmul",
 ]
 
@@ -88,6 +91,25 @@ def reduced_matmul(a: Tensor, b: Tensor) -> Tensor:
     if dtype is None or a.dtype == dtype:
         return a @ b
     return (low_precision(a, dtype) @ low_precision(b, dtype)).to(a.dtype)
+
+
+def reduced_addmm(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.addmm(acc, a, b)``; with :func:`compute_dtype` set, ``acc`` plus
+    :func:`reduced_matmul` ``(a, b)``."""
+    if compute_dtype() is None or a.dtype == compute_dtype():
+        return torch.addmm(acc, a, b)
+    return acc + reduced_matmul(a, b)
+
+
+def reduced_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; with :func:`compute_dtype` set, the product of ``x`` and
+    ``weight`` in that dtype (a constant ``x`` converted once), returned in ``x``'s dtype,
+    and the bias added in ``x``'s dtype. Autograd returns gradients in the inputs' dtypes."""
+    dtype = compute_dtype()
+    if dtype is None or x.dtype == dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.nn.functional.linear(low_precision(x, dtype), weight.to(dtype)).to(x.dtype)
+    return out if bias is None else out + bias
 
 
 def precision_supported(precision: str, device: torch.device | str = "cpu") -> bool:
