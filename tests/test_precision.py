@@ -27,6 +27,7 @@ from cm3_pyg.nn.precision import (
     low_precision,
     matmul_precision,
     precision_supported,
+    reduced_linear,
     reduced_matmul,
 )
 from cm3_pyg.training import load_config
@@ -168,7 +169,10 @@ def test_the_reference_math_stays_float32():
     w = torch.randn(8, 2304)
     with use_reference_math(), matmul_precision("bf16"):
         out = feature_linear(x, w)
+        direct = reduced_linear(x, w)  # the fine-tuned encoders' path as well
+        assert compute_dtype() is None
     torch.testing.assert_close(out, x @ w.t())
+    torch.testing.assert_close(direct, x @ w.t())
 
 
 def test_the_precision_key_is_checked(monkeypatch):

@@ -286,11 +286,11 @@ def _reusable(
     config: Mapping[str, Any],
     dataset: str,
     data_hash: str,
-    defaults: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any],
 ) -> dict[str, Any] | None:
     """The finished run's metrics in ``path`` if it used ``dataset`` with the same content
     (:func:`~cm3_pyg.data.hetero.content_hash`) and ``config`` (:func:`_same_config`
-    against the full ``defaults``; without them, exactly ``config``)."""
+    against the model's full ``defaults``)."""
     file = path / "metrics.json"
     if not file.exists():
         return None
@@ -305,11 +305,7 @@ def _reusable(
     saved_config = saved.get("config")
     if not isinstance(saved_config, dict):
         return None
-    current = _jsonable(dict(config))
-    if defaults is None:
-        same = saved_config == current
-    else:
-        same = _same_config(saved_config, current, _jsonable(dict(defaults)))
+    same = _same_config(saved_config, _jsonable(dict(config)), _jsonable(dict(defaults)))
     return saved if same else None
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
-from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, kernels_enabled, rows, use_kernel
+from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, rows, use_kernel
 from cm3_pyg.nn.parallel import active_split, gather_rows
 from cm3_pyg.nn.precision import compute_dtype, reduced_linear
 
@@ -147,7 +147,7 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 def _feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     dtype = compute_dtype()
-    if dtype is not None and x.dtype != dtype and kernels_enabled():
+    if dtype is not None and x.dtype != dtype:
         # matmul_precision("bf16"): bf16 operands (a constant table converted once), the
         # product back in float32 before the bias, float32 gradients for the weight.
         return reduced_linear(x, weight, bias)

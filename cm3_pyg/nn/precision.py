@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from cm3_pyg.nn.kernels import kernels_enabled
+
 __all__ = [
     "PRECISIONS",
     "check_precision",
@@ -52,7 +54,10 @@ _copies = WeakIdKeyDictionary()
 
 
 def compute_dtype() -> torch.dtype | None:
-    """The operand dtype of the reduced products in this thread, ``None`` for float32."""
+    """The operand dtype of the reduced products in this thread, ``None`` for float32 (and
+    always under :func:`~cm3_pyg.nn.use_reference_math`, the float32 model)."""
+    if not kernels_enabled():
+        return None
     return getattr(_state, "dtype", None)
 
 
@@ -61,7 +66,7 @@ def matmul_precision(precision: str) -> Iterator[None]:
     """Run the block with the products' operands in ``precision`` (one of :data:`PRECISIONS`)."""
     if precision not in _DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    previous = compute_dtype()
+    previous = getattr(_state, "dtype", None)
     _state.dtype = _DTYPES[precision]
     try:
         yield

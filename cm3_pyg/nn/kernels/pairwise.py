@@ -11,7 +11,7 @@ both have their backward written out. Reference versions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -112,21 +112,29 @@ class _PairwiseLogSumExp(torch.autograd.Function):
         bias = sq_norm.mul(-t)
         if counts is not None:
             bias = bias + counts.log().unsqueeze(-1)
-        ones = torch.ones_like(sq_norm)
         scaled = x * math.sqrt(2.0 * t)
-        left = torch.cat([scaled, bias, ones], dim=-1)
-        right = torch.cat([scaled, ones, bias], dim=-1)
+        dtype = compute_dtype() if x.dtype == torch.float32 else None
+        if dtype is None:  # one product of the augmented rows gives the whole exponent
+            ones = torch.ones_like(sq_norm)
+            left = torch.cat([scaled, bias, ones], dim=-1)
+            right = torch.cat([scaled, ones, bias], dim=-1)
+
+            def gram(rows: slice, cols: slice) -> Tensor:
+                return left[rows] @ right[cols].t()
+
+        else:  # reduced products: the Gram part in bf16, the row terms added in float32
+            scaled_low = scaled.to(dtype)
+
+            def gram(rows: slice, cols: slice) -> Tensor:
+                tile = (scaled_low[rows] @ scaled_low[cols].t()).to(bias.dtype)
+                return tile.add_(bias[rows]).add_(bias[cols].t())
+
         # A row paired with a copy of itself: distance exactly 0, weight m (m - 1).
         if counts is None:
             diagonal = torch.full_like(sq_norm.squeeze(-1), float("-inf"))
         else:
             diagonal = torch.log(counts * (counts - 1.0))
         cuts = _symmetric_tiles(x.size(0))
-        dtype = compute_dtype() if x.dtype == torch.float32 else None
-        if dtype is not None:
-            # reduced products: the Gram part in bf16, the row terms added in float32
-            left = (scaled.to(dtype), bias)
-            right = None
         shift = None
         if host_checks_are_free(x.device):
             if unit_features is not None:
@@ -135,7 +143,7 @@ class _PairwiseLogSumExp(torch.autograd.Function):
                 low = 0.0 if sim is None else float(sim.min())
             top = 0.0 if counts is None else 2.0 * float(counts.max().log())
             shift = top - 2.0 * t * low
-        args = (left, right, diagonal, sim, unit_features, min_sim, max_sim, t, cuts, dtype)
+        args = (gram, diagonal, sim, unit_features, min_sim, max_sim, t, cuts, dtype)
         tiles, keeps, total, peak = _exp_tiles(*args, shift=shift)
         if shift is not None and not 1e-15 < float(total) < float("inf"):
             tiles, keeps, total, peak = _exp_tiles(*args, shift=None)
@@ -175,8 +183,7 @@ class _PairwiseLogSumExp(torch.autograd.Function):
 
 
 def _exp_tiles(
-    left: Tensor | tuple[Tensor, Tensor],
-    right: Tensor | None,
+    gram: Callable[[slice, slice], Tensor],
     diagonal: Tensor,
     sim: Tensor | None,
     unit_features: Tensor | None,
@@ -189,26 +196,21 @@ def _exp_tiles(
 ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     r"""The tiles of :math:`e^{\ell - c}`, the clamp masks, their total and the shift ``c``.
 
-    ``left``/``right``: the augmented rows; with ``dtype`` (reduced products) ``left`` is
-    ``(scaled rows in dtype, float32 row terms)`` and ``right`` is ``None``. ``shift=None``
-    shifts by the exact maximum (all tiles are formed first); a number is applied to each
-    tile as soon as it is formed.
+    ``gram(rows, cols)`` forms a fresh tile of the exponent before the similarity term;
+    ``dtype`` is the operand dtype of the similarity products (``None``: the features' own).
+    ``shift=None`` shifts by the exact maximum (all tiles are formed first); a number is
+    applied to each tile as soon as it is formed.
     """
     tiles: list[Tensor] = []
     keeps: list[Tensor] = []
-    like = left[1] if isinstance(left, tuple) else left
-    total = like.new_zeros(())
+    total: Tensor | None = None
     features_low = None
     if dtype is not None and unit_features is not None:
         features_low = unit_features.detach().to(dtype)
     for rows, cols in cuts:
-        if isinstance(left, tuple):
-            low, bias = left
-            tile = (low[rows] @ low[cols].t()).to(bias.dtype)
-            tile.add_(bias[rows]).add_(bias[cols].t())
-        else:
-            assert right is not None
-            tile = left[rows] @ right[cols].t()
+        tile = gram(rows, cols)
+        if total is None:  # in the exponent's dtype
+            total = tile.new_zeros(())
         part = None
         if unit_features is not None:
             if features_low is not None:
@@ -239,8 +241,9 @@ def _exp_tiles(
             tile.sub_(shift).exp_()
             total = total + tile.sum() * (1.0 if rows == cols else 2.0)
         tiles.append(tile)
+    assert total is not None  # there is always at least one tile
     if shift is not None:
-        return tiles, keeps, total, like.new_tensor(shift)
+        return tiles, keeps, total, total.new_tensor(shift)
     peak = torch.stack([tile.max() for tile in tiles]).max()
     for tile, (rows, cols) in zip(tiles, cuts, strict=True):
         tile.sub_(peak).exp_()
