@@ -80,9 +80,43 @@ def worker(
             "epoch_seconds": metrics["epoch_seconds"],
             "epochs_run": metrics["epochs_run"],
             "traffic": asdict(traffic),
+            "feature_rows_held": _feature_rows_held(data, name, config),
         }
     if int(os.environ.get("RANK", "0")) == 0:
         out_json.write_text(json.dumps(record), encoding="utf-8")
+
+
+def _feature_rows_held(data: Any, name: str, config: dict[str, Any]) -> list[list[int]]:
+    """Per process, the rows of each feature table a trainer of ``name`` keeps: a block of
+    them for a model with ``row_local_features`` on several processes, else all."""
+    import torch.distributed as dist
+
+    from cm3_pyg.models import get_model_class
+    from cm3_pyg.nn.parallel import RowShard
+    from cm3_pyg.training.distributed import world_from_env
+    from cm3_pyg.training.inputs import build_graph_inputs, get_splits
+    from cm3_pyg.training.trainer import Trainer
+
+    cls = get_model_class(name)
+    inputs = build_graph_inputs(data, config, uses_item_graph=cls.uses_item_graph)
+    world = world_from_env(str(config["device"]))
+    trainer = Trainer(
+        cls.from_config(config, inputs),
+        inputs,
+        get_splits(data),
+        config,
+        progress=False,
+        world=world,
+    )
+    held = [
+        int(f.local.size(0)) if isinstance(f, RowShard) else int(f.size(0))
+        for f in trainer.inputs.features
+    ]
+    if world is None:
+        return [held]
+    every: list[Any] = [None] * world.world_size
+    dist.all_gather_object(every, held)
+    return every
 
 
 def launch(

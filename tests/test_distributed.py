@@ -11,8 +11,9 @@ import torch
 from benchmarks.distributed_parity import ALL_MODELS, compare, launch
 from benchmarks.distributed_scaling import Graph, cm3_parameters, cm3_traffic, lightgcn_traffic
 from cm3_pyg.metrics import FullRankingEvaluator
-from cm3_pyg.nn import to_adjacency
-from cm3_pyg.nn.parallel import RowSplit, active_split, row_bounds, split_rows
+from cm3_pyg.models import get_model_class
+from cm3_pyg.nn import feature_linear, to_adjacency
+from cm3_pyg.nn.parallel import RowShard, RowSplit, active_split, row_bounds, split_rows
 from cm3_pyg.training.distributed import World, world_from_env
 
 USERS, ITEMS = 300, 200
@@ -25,15 +26,17 @@ def _close(a: list[float], b: list[float]) -> None:
         assert abs(x - y) <= 1e-5 * max(abs(x), 0.1), (step, x, y)
 
 
-def test_row_bounds_cover_the_rows_in_blocks_within_one_row():
+def test_row_bounds_cover_the_rows_in_equal_strides():
     for n in (0, 1, 5, 7, 100):
         for p in (1, 2, 3, 4):
             blocks = [row_bounds(n, r, p) for r in range(p)]
             assert blocks[0][0] == 0 and blocks[-1][1] == n
             assert all(blocks[r][1] == blocks[r + 1][0] for r in range(p - 1))
-            sizes = [end - start for start, end in blocks]
-            assert max(sizes) - min(sizes) <= 1
-    assert row_bounds(7, 1, 3) == (2, 4)  # 7 * 1 // 3, 7 * 2 // 3
+            stride = -(-n // p)
+            # block r starts at r * ceil(n / p): where the all-gathered buffer puts it
+            assert all(start == min(n, r * stride) for r, (start, _) in enumerate(blocks))
+    assert row_bounds(7, 1, 3) == (3, 6) and row_bounds(7, 2, 3) == (6, 7)
+    assert row_bounds(5, 3, 4) == (5, 5)  # strides of 2: the last process has no rows
     with pytest.raises(ValueError, match="rank must lie in"):
         row_bounds(5, 2, 2)
 
@@ -45,6 +48,28 @@ def test_split_rows_is_inert_for_one_process_and_nests():
     with split_rows(RowSplit(1, 3)), split_rows(RowSplit(0, 2)):
         assert active_split() == RowSplit(0, 2)
     assert active_split() is None
+
+
+def test_a_row_shard_holds_its_block_and_stands_for_the_table():
+    table = torch.randn(7, 5, dtype=torch.float64)
+    weight, bias = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    shard = RowShard.of(table, RowSplit(1, 2))
+    assert torch.equal(shard.local, table[4:]) and shard.local.data_ptr() != table.data_ptr()
+    assert shard.shape == table.shape and shard.size(1) == 5 and shard.dim() == 2
+    assert shard.start == 4 and shard.dtype == torch.float64
+    assert "rows [4, 7) of [7, 5], process 1 of 2" in repr(shard)
+    assert shard.to(torch.float32).local.dtype == torch.float32
+    # one process: the block is the table, and the encoder is F.linear of it
+    whole = RowShard.of(table, RowSplit(0, 1))
+    expected = torch.nn.functional.linear(table, weight, bias)
+    torch.testing.assert_close(feature_linear(whole, weight, bias), expected)
+    # the other rows are elsewhere: read outside split_rows, or in another group, it refuses
+    with pytest.raises(ValueError, match=r"holds rows \[4, 7\) of 7 only.*outside split_rows"):
+        feature_linear(shard, weight, bias)
+    with split_rows(RowSplit(0, 2)), pytest.raises(ValueError, match="process 0 of 2"):
+        feature_linear(shard, weight, bias)
+    with pytest.raises(ValueError, match=r"holds rows \[0, 4\) of 7, got a block of shape \[3"):
+        RowShard(table[:3], 7, RowSplit(0, 2))
 
 
 @pytest.mark.parametrize("backend", ["csr", "edge_index"])
@@ -133,6 +158,19 @@ def test_two_processes_take_the_single_process_steps(single_run, tmp_path):
         assert counted["gathered"] == steps * step.gathered + evals * evaluation.gathered, name
         assert counted["reduces"] == steps * step.reduces, name
         assert counted["reduced"] == steps * step.reduced, name
+    # CM3 and LIRDRec read their features row-wise only: each process keeps half of every
+    # table's rows (and still takes the single-process steps, above)
+    row_local = {name for name in ALL_MODELS if get_model_class(name).row_local_features}
+    assert row_local == {"cm3", "lirdrec"}
+    for name in ALL_MODELS:
+        held = multi[name]["feature_rows_held"]
+        full = single_run[name]["feature_rows_held"]
+        assert len(held) == 2 and len(full) == 1, name
+        assert full == [[ITEMS, ITEMS]], name  # make_synthetic: image and text tables
+        if name in row_local:
+            assert held == [[ITEMS // 2] * 2] * 2, name
+        else:
+            assert held == [full[0], full[0]], name
     # rank 0 wrote the run's files, once
     metrics = json.loads((tmp_path / "runs-p2" / "cm3" / "metrics.json").read_text())
     assert metrics["world_size"] == 2

@@ -49,7 +49,9 @@ class GraphInputs:
     Attributes:
         num_users: ``U``.
         num_items: ``I``.
-        features: per modality ``[I, d_m]`` float tensors, in fusion order.
+        features: per modality ``[I, d_m]`` float tensors, in fusion order (in a trainer on
+            several processes, for a model with ``row_local_features``: each process's rows
+            only, as :class:`~cm3_pyg.nn.parallel.RowShard`).
         modalities: names of ``features``.
         ui_adj: normalised ``[U + I, U + I]`` user-item adjacency (users first).
         item_adj: normalised ``[I, I]`` item-item graph (``out = item_adj @ h``), or ``None``.
@@ -207,6 +209,10 @@ class Recommender(torch.nn.Module):
     min_modalities: ClassVar[int] = 0
     #: Whether the model reads ``GraphInputs.item_adj`` (the modality kNN graph).
     uses_item_graph: ClassVar[bool] = False
+    #: Whether the model reads ``GraphInputs.features`` only row-wise through
+    #: :func:`~cm3_pyg.nn.feature_linear`, so that a trainer on several processes keeps only
+    #: each process's block of their rows (:class:`~cm3_pyg.nn.parallel.RowShard`).
+    row_local_features: ClassVar[bool] = False
     #: Ranking objectives the model accepts (the first is its default); ``()`` for a model
     #: whose method is its own objective.
     objectives: ClassVar[tuple[str, ...]] = ("bpr", "bpo", "nbpo", "nbpo_original")

@@ -95,6 +95,7 @@ class CM3(Recommender):
     }
     min_modalities = 1
     uses_item_graph = True
+    row_local_features = True  # its encoders read the features, through feature_linear only
     id_rows = {"user_embedding": ("user", 1), "user_channel_logits": ("user", 0)}
     objectives = ()
     own_objective = "alignment + calibrated uniformity"

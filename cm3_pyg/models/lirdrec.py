@@ -65,6 +65,7 @@ from cm3_pyg.nn import (
     normalized_concat,
     propagate_item_graph,
 )
+from cm3_pyg.nn.parallel import RowShard
 from cm3_pyg.nn.rows import RowTable
 from cm3_pyg.nn.sparse import SparseAdjacency
 
@@ -206,7 +207,7 @@ def _channel_mlp(in_dim: int, dim: int) -> Sequential:
     return Sequential(Linear(in_dim, 4 * dim), LeakyReLU(), Linear(4 * dim, dim, bias=False))
 
 
-def _encode(mlp: Sequential, x: Tensor) -> Tensor:
+def _encode(mlp: Sequential, x: Tensor | RowShard) -> Tensor:
     """``mlp(x)`` with the first layer by :func:`~cm3_pyg.nn.feature_linear` (same values;
     the wide-table kernel, and divided by rows across processes)."""
     first, activation, second = mlp
@@ -246,6 +247,7 @@ class LIRDRec(Recommender):
     }
     min_modalities = 1
     uses_item_graph = True
+    row_local_features = True  # feature_linear and the row-wise DCT read the features
     id_rows = {"user_embedding": ("user", 1)}
 
     def __init__(
@@ -292,8 +294,17 @@ class LIRDRec(Recommender):
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def dct_features(self, features: Sequence[Tensor]) -> Tensor:
-        """``[I, sum d_m]``: the DCT-II of each modality's rows, concatenated (cached)."""
+    def dct_features(self, features: Sequence[Tensor]) -> Tensor | RowShard:
+        """``[I, sum d_m]``: the DCT-II of each modality's rows, concatenated (cached). Of
+        :class:`~cm3_pyg.nn.parallel.RowShard` tables (a trainer on several processes): the
+        same rows of the result, as a ``RowShard`` (the transform is row-wise)."""
+        shards = [f for f in features if isinstance(f, RowShard)]
+        if shards:
+            if len(shards) != len(features):
+                raise ValueError("dct_features: either every feature table is a RowShard or none")
+            local = self.dct_features([f.local for f in shards])
+            assert isinstance(local, Tensor)
+            return RowShard(local, shards[0].num_rows, shards[0].split)
         feats = tuple(features)
         versions = tuple(int(f._version) for f in feats)
         cache = self._dct_cache

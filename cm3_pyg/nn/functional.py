@@ -13,7 +13,7 @@ from torch import Tensor
 from cm3_pyg.checks import check_tensor
 from cm3_pyg.nn import reference
 from cm3_pyg.nn.kernels import WIDE_INPUT_FEATURES, rows, use_kernel
-from cm3_pyg.nn.parallel import active_split, gather_rows
+from cm3_pyg.nn.parallel import RowShard, active_split, gather_rows
 from cm3_pyg.nn.precision import compute_dtype, reduced_linear
 
 __all__ = ["WIDE_INPUT_FEATURES", "feature_linear", "normalize_rows", "normalized_concat"]
@@ -100,7 +100,7 @@ def normalize_rows(x: Tensor) -> Tensor:
     return rows.normalize_rows(x)
 
 
-def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def feature_linear(x: Tensor | RowShard, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r"""``F.linear(x, weight, bias)`` for a tall ``[N, D]`` input such as a modality table.
 
     Same values and gradients as :func:`torch.nn.functional.linear`. For ``D >=``
@@ -108,18 +108,22 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     as :math:`(x^\top g)^\top` (autograd forms :math:`g^\top x`, the weight's own layout):
     with MKL that GEMM layout was the faster one for wide feature tables such as 4096-d
     images (BENCHMARKS.md); for narrower inputs autograd's is kept. Inside
-    :func:`cm3_pyg.nn.parallel.split_rows` each process computes its block of rows. Inside
+    :func:`cm3_pyg.nn.parallel.split_rows` each process computes its block of rows; ``x`` may
+    then be a :class:`~cm3_pyg.nn.parallel.RowShard` holding only that block. Inside
     :func:`cm3_pyg.nn.precision.matmul_precision` ``("bf16")`` the product takes bfloat16
     operands and returns float32 (the bias added in float32).
 
     Args:
-        x: ``[N, D]``.
+        x: ``[N, D]`` (or this process's rows of it, as a ``RowShard``).
         weight: ``[O, D]``.
         bias: ``[O]`` or ``None``.
 
     Returns:
         ``[N, O]``.
     """
+    shard = x if isinstance(x, RowShard) else None
+    if shard is not None:
+        x = shard.block()
     check_tensor(x, "feature_linear: x", dims=2, floating=True)
     check_tensor(weight, "feature_linear: weight", dims=2, floating=True)
     if weight.size(1) != x.size(1):
@@ -139,6 +143,8 @@ def feature_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
             f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}")
         )
     split = active_split()
+    if shard is not None and split is not None:  # the block is all this process holds
+        return gather_rows(_feature_linear(x, weight, bias), shard.num_rows, split)
     if split is not None:  # row-parallel (cm3_pyg.nn.parallel): this process's rows
         start, end = split.bounds(x.size(0))
         return gather_rows(_feature_linear(x[start:end], weight, bias), x.size(0), split)

@@ -16,6 +16,10 @@ process is its share of the loss's, and the backward of :func:`gather_rows` sums
 shares before handing each process the rows of its own block, so each divided operation
 back-propagates the full gradient of its rows once, somewhere.
 
+A table whose rows are only ever read by those operations can be held divided as well: a
+:class:`RowShard` keeps only this process's block of rows (``1 / P`` of the memory), and
+:func:`~cm3_pyg.nn.feature_linear` encodes it inside :func:`split_rows` like the full table.
+
 This module knows nothing of training; :mod:`cm3_pyg.training.distributed` sets it up.
 """
 
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "RowShard",
     "RowSplit",
     "Traffic",
     "active_split",
@@ -43,11 +48,16 @@ __all__ = [
 
 
 def row_bounds(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``[start, end)`` of process ``rank``'s block of ``num_rows`` rows: contiguous blocks
-    whose sizes differ by at most one row, in rank order."""
+    """``[start, end)`` of process ``rank``'s block of ``num_rows`` rows: contiguous blocks of
+    ``ceil(num_rows / world_size)`` rows in rank order, the last ones shorter (or empty).
+
+    Equal strides put block ``r`` at row ``r * ceil(n / P)`` of the all-gathered buffer, so
+    the gathered table is that buffer's first ``n`` rows, with no copy to close up padding.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
-    return num_rows * rank // world_size, num_rows * (rank + 1) // world_size
+    stride = -(-num_rows // world_size)
+    return min(num_rows, rank * stride), min(num_rows, (rank + 1) * stride)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,102 @@ class RowSplit:
     def bounds(self, num_rows: int) -> tuple[int, int]:
         """``[start, end)`` of this process's block of ``num_rows`` rows."""
         return row_bounds(num_rows, self.rank, self.world_size)
+
+
+class RowShard:
+    """Process ``split.rank``'s block of rows of a ``[num_rows, ...]`` table, the only rows it
+    holds (:meth:`RowSplit.bounds`).
+
+    It stands for the full table wherever the table is read only row-wise inside
+    :func:`split_rows` of the same group (:func:`~cm3_pyg.nn.feature_linear`); ``shape``,
+    ``size``, ``dim``, ``dtype`` and ``device`` describe the full table. Any other use needs the
+    whole table and is an error, not a silent gather.
+
+    Args:
+        local: the block, ``[end - start, ...]``.
+        num_rows: rows of the full table.
+        split: the group the rows are divided over.
+    """
+
+    def __init__(self, local: Tensor, num_rows: int, split: RowSplit) -> None:
+        start, end = split.bounds(num_rows)
+        if local.dim() < 1 or local.size(0) != end - start:
+            raise ValueError(
+                f"RowShard: process {split.rank} of {split.world_size} holds rows [{start}, "
+                f"{end}) of {num_rows}, got a block of shape {list(local.shape)}"
+            )
+        self.local, self.num_rows, self.split = local, num_rows, split
+
+    @classmethod
+    def of(cls, table: Tensor, split: RowSplit) -> RowShard:
+        """This process's rows of ``table``, copied so that the full table can be freed."""
+        start, end = split.bounds(table.size(0))
+        return cls(table[start:end].clone(), table.size(0), split)
+
+    @property
+    def start(self) -> int:
+        return self.split.bounds(self.num_rows)[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.num_rows, *self.local.shape[1:]))
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.local.dim()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.local.requires_grad
+
+    def to(self, target: torch.device | str | torch.dtype) -> RowShard:
+        """The same rows on another device or in another dtype."""
+        return RowShard(self.local.to(target), self.num_rows, self.split)
+
+    def float(self) -> RowShard:
+        return self.to(torch.float32)
+
+    def block(self) -> Tensor:
+        """The rows to compute on: the block, inside :func:`split_rows` of this shard's group.
+
+        Raises:
+            ValueError: outside it, or inside another group's (the other rows are elsewhere).
+        """
+        if self.split.world_size == 1:  # split_rows is inert: the block is the table
+            return self.local
+        active = active_split()
+        if active is None or (active.rank, active.world_size) != (
+            self.split.rank,
+            self.split.world_size,
+        ):
+            where = (
+                "outside split_rows"
+                if active is None
+                else (f"inside split_rows of process {active.rank} of {active.world_size}")
+            )
+            raise ValueError(
+                f"a RowShard of process {self.split.rank} of {self.split.world_size} holds "
+                f"rows [{self.start}, {self.start + self.local.size(0)}) of {self.num_rows} only "
+                f"and is read row-wise inside split_rows of its group; it was read {where}"
+            )
+        return self.local
+
+    def __repr__(self) -> str:
+        start = self.start
+        return (
+            f"RowShard(rows [{start}, {start + self.local.size(0)}) of {list(self.shape)}, "
+            f"process {self.split.rank} of {self.split.world_size}, {self.dtype})"
+        )
 
 
 _ACTIVE: list[RowSplit] = []
@@ -144,20 +250,16 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: Tensor, num_rows: int, split: RowSplit) -> Tensor:  # type: ignore[override]
         ctx.split, ctx.num_rows = split, num_rows
-        sizes = [
-            end - start
-            for start, end in (
-                row_bounds(num_rows, r, split.world_size) for r in range(split.world_size)
-            )
-        ]
-        width = max(sizes)
-        # gloo's all_gather wants equal shapes: pad every block to the largest.
-        padded = local.new_zeros((width, *local.shape[1:]))
-        padded[: local.size(0)] = local
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous(), group=split.group)
-        _record_gather(padded.numel() * len(parts))
-        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+        stride = -(-num_rows // split.world_size)
+        # collectives want equal blocks: only the last blocks are short, padded with zeros
+        if local.size(0) < stride:
+            padded = local.new_zeros((stride, *local.shape[1:]))
+            padded[: local.size(0)] = local
+            local = padded
+        out = local.new_empty((stride * split.world_size, *local.shape[1:]))
+        _all_gather_single(out, local.contiguous(), split.group)
+        _record_gather(out.numel())
+        return out[:num_rows] if out.size(0) > num_rows else out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
@@ -166,7 +268,15 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=split.group)
         record_reduce(total.numel())
         start, end = split.bounds(ctx.num_rows)
-        return total[start:end], None, None
+        # a copy of the own rows, so that the summed table is freed now rather than when
+        # the block's own backward has run
+        return total[start:end].clone(), None, None
+
+
+def _all_gather_single(out: Tensor, local: Tensor, group: Any) -> None:
+    # all_gather_into_tensor is deprecated in favour of all_gather_single where it exists
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)
 
 
 def gather_rows(local: Tensor, num_rows: int, split: RowSplit) -> Tensor:

@@ -294,6 +294,9 @@ def _run_experiment(
         fault_injector=fault_injector,
         world=world,
     )
+    # the trainer's inputs (on several processes possibly each one's feature rows only): this
+    # function's reference to the full tables must not keep them alive
+    inputs = trainer.inputs
     if saved is not None:
         try:
             trainer.load_state_dict(saved["trainer"])

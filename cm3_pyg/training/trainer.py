@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from cm3_pyg.errors import DataFormatError, NonFiniteLossError
 from cm3_pyg.metrics import FullRankingEvaluator
 from cm3_pyg.models.base import Batch, GraphInputs, InnerProblem, LossTerms, Recommender
 from cm3_pyg.nn.optim import make_adam, make_optimizer
-from cm3_pyg.nn.parallel import split_rows
+from cm3_pyg.nn.parallel import RowShard, split_rows
 from cm3_pyg.nn.precision import matmul_precision
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
 from cm3_pyg.training.distributed import World
@@ -170,6 +170,9 @@ class Trainer:
             process runs this trainer with the same arguments; each step's row-wise work is
             divided among them, each back-propagates ``loss / P`` and the gradients are
             summed, and evaluation divides the users. The state stays identical everywhere.
+            For a model with ``row_local_features`` each process keeps only its block of the
+            feature tables' rows (:class:`~cm3_pyg.nn.parallel.RowShard`, in
+            ``self.inputs``); the full tables are freed once nothing else holds them.
 
     The attribute ``on_best``, when set, is called as ``on_best(epoch, valid, embeddings)``
     whenever validation improves, before that epoch's checkpoint (so a crash in between
@@ -207,6 +210,14 @@ class Trainer:
         if world is not None:
             world.broadcast_state(self.model)
         self.inputs = inputs.to(self.device)
+        if self.split is not None and model.row_local_features:
+            self.inputs = replace(
+                self.inputs,
+                features=[
+                    f if isinstance(f, RowShard) else RowShard.of(f, self.split)
+                    for f in self.inputs.features
+                ],
+            )
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
         self.on_best: (
