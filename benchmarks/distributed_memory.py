@@ -7,8 +7,9 @@
 ``--build`` makes :func:`benchmarks.scales.elec_scale`'s CM3 graph inputs (the kNN graphs take
 most of its time) and saves them with the splits and CM3's default configuration. Each
 process count then runs the worker (``torchrun --nproc_per_node P``; one plain process for
-``P = 1``): every process reads the whole file (the loading is not divided), builds CM3 and its trainer (which keeps only
-its block of the feature tables' rows, :class:`~cm3_pyg.nn.parallel.RowShard`), resets its
+``P = 1``): every process reads the whole file (the loading is not divided), builds CM3 and
+its trainer (which keeps only its block of the feature tables' rows,
+:class:`~cm3_pyg.nn.parallel.RowShard`), frees the rest, resets its
 peak resident set (``/proc/self/clear_refs``), trains ``--steps`` steps and reports its
 peak, the bytes of the divided and of the replicated tensors it holds, and the step time.
 ``--evaluate`` also measures one validation evaluation (each process ranks its block of the

@@ -78,6 +78,47 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert after < 0.05 * pages
 
 
+@glibc_linux
+def test_blocks_above_the_mmap_cap_are_reused_when_heap_only():
+    # A child process: a 64 MiB tensor, above glibc's 32 MiB cap on the mmap threshold, is
+    # mapped afresh every round (16k faults at 4 KiB pages) unless heap_only keeps it in the
+    # heap, where the next round reuses the freed block.
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from cm3_pyg.training.memory import retain_freed_memory
+        def faults_per_round():
+            x = torch.empty(16 * 2**20); x.fill_(1.0); del x
+            counts = []
+            for _ in range(5):
+                start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                x = torch.empty(16 * 2**20); x.fill_(1.0); del x
+                counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+            return sorted(counts)[2]
+        mapped = retain_freed_memory(heap_only=False) and faults_per_round()
+        heap = retain_freed_memory() and faults_per_round()
+        print(mapped, heap)
+        """
+    )
+    env = {**os.environ, OPT_OUT_ENV: "0"}  # 4 KiB pages: this counts glibc's reuse only
+    env.pop(TORCH_ENV, None)
+    env.pop(RETAIN_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=env,
+    ).stdout.split()
+    if out[0] == "False":
+        pytest.skip("this C library does not take mallopt settings")
+    pages = 64 * 2**20 / 4096
+    mapped, heap = float(out[0]), float(out[1])
+    assert mapped > 0.5 * pages
+    assert heap < 0.05 * pages
+
+
 # --- huge pages for torch's large CPU tensors --------------------------------------------
 
 

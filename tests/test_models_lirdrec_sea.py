@@ -16,6 +16,7 @@ from cm3_pyg.errors import ConfigError
 from cm3_pyg.models import MODELS, SEA, Batch, GraphInputs, LIRDRec, get_model_class
 from cm3_pyg.models.lirdrec import dct_matrix, dct_rows, progressive_mixing_weights
 from cm3_pyg.models.sea import CLUB, gaussian_nll
+from cm3_pyg.nn.parallel import RowShard, RowSplit
 from cm3_pyg.training import (
     CHECKPOINT_NAME,
     NegativeSampler,
@@ -203,6 +204,24 @@ def test_dct_matrix_matches_the_definition_and_is_orthonormal():
     )
     with pytest.raises(ValueError):
         dct_matrix(0)
+
+
+def test_lirdrec_dct_of_row_shards_is_the_rows_of_the_full_dct(data):
+    """On several processes LIRDRec's DCT sees each process's feature rows only (RowShard):
+    the transform is row-wise, so a shard's result is those rows of the full table's."""
+    from cm3_pyg.training.inputs import build_graph_inputs
+
+    config = load_config(LIRDRec.default_config())
+    inputs = build_graph_inputs(data, config, uses_item_graph=True)
+    model = LIRDRec.from_config(config, inputs)
+    full = torch.cat([naive_dct(x.double()) for x in inputs.features], 1)
+    split = RowSplit(1, 3)
+    got = model.dct_features([RowShard.of(x, split) for x in inputs.features])
+    assert isinstance(got, RowShard) and got.shape == full.shape and got.split == split
+    start, end = split.bounds(inputs.num_items)
+    torch.testing.assert_close(got.local.double(), full[start:end], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="either every feature table is a RowShard or none"):
+        model.dct_features([RowShard.of(inputs.features[0], split), *inputs.features[1:]])
 
 
 # --- registry, shapes ---------------------------------------------------------------------------
