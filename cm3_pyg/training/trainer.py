@@ -209,15 +209,16 @@ class Trainer:
         self.model = model.to(self.device)
         if world is not None:
             world.broadcast_state(self.model)
-        self.inputs = inputs.to(self.device)
         if self.split is not None and model.row_local_features:
-            self.inputs = replace(
-                self.inputs,
+            # this process's rows before the copy to the device: a GPU holds only its block
+            inputs = replace(
+                inputs,
                 features=[
                     f if isinstance(f, RowShard) else RowShard.of(f, self.split)
-                    for f in self.inputs.features
+                    for f in inputs.features
                 ],
             )
+        self.inputs = inputs.to(self.device)
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
         self.on_best: (
