@@ -10,6 +10,9 @@ Sections (``--sections``, default all):
   (torch.sparse.mm on CSR with autograd, PyG ``spmm``, PyG ``EdgeIndex``, torch-sparse
   ``SparseTensor`` when installed, and this library's CSR kernel with a prebuilt transpose),
   plus the backend that ``sparse_backend: auto`` picks by measurement.
+* ``bandwidth``: the device's copy bandwidth and the achieved bandwidth of the CSR product of
+  propagation on the same graphs at width 192 (CM3's node table), under two byte counts
+  (every entry's row read from memory; each row read once).
 * ``knn``: the modality kNN graph, block-wise against a dense ``I x I`` reference where the
   dense one fits in memory (seconds, peak extra RSS).
 * ``train``: CM3 with its default configuration at every scale of the suite (TikTok; real
@@ -48,7 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("kernels", "knn", "train", "reference")
+SECTIONS = ("kernels", "bandwidth", "knn", "train", "reference")
 #: Scales per suite, and those timed over a full epoch (the others: steps x batches).
 SUITES: dict[str, dict[str, Any]] = {
     "quick": {"scales": ["synthetic"], "full_epoch": {"synthetic"}, "steps": 5},
@@ -421,6 +424,83 @@ def kernels_section(graphs: dict[str, tuple[torch.Tensor, torch.Tensor, int]], d
     return rows
 
 
+# --------------------------------------------------------------------------- bandwidth
+def copy_bandwidth(device: str, mib: int = 512, repeats: int = 7) -> float:
+    """The device's copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``mib`` MiB (each byte
+    read once and written once), median of ``repeats`` after a warm-up copy."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = _clock(device)
+        dst.copy_(src)
+        times.append(_clock(device) - start)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def _clock(device: str) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def product_bytes(num_rows: int, num_cols: int, nnz: int, width: int, index_bytes: int) -> dict:
+    """Bytes one CSR product ``A @ x`` (``A`` ``[num_rows, num_cols]``, float32 values,
+    ``x`` ``[num_cols, width]`` float32) must move under two models: ``gathered``, every
+    stored entry reads its row of ``x`` from memory (no cache reuse); ``compulsory``, ``x``
+    is read once. Both read the matrix (row pointers, column indices, values) and write the
+    output once."""
+    matrix = (num_rows + 1) * index_bytes + nnz * (index_bytes + 4)
+    out = num_rows * width * 4
+    return {
+        "gathered": matrix + nnz * width * 4 + out,
+        "compulsory": matrix + num_cols * width * 4 + out,
+    }
+
+
+def bandwidth_section(
+    graphs: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+    device: str,
+    width: int = 192,
+    repeats: int = 7,
+) -> dict[str, Any]:
+    """Achieved bandwidth of the propagation's CSR product (forward, the library's ``csr``
+    backend) on each graph at CM3's node-table width, against the device's copy bandwidth
+    measured in the same run."""
+    from cm3_pyg.nn.sparse import to_adjacency
+
+    copy = copy_bandwidth(device)
+    rows = []
+    for name, (index, weight, n) in graphs.items():
+        adj = to_adjacency(index.to(device), weight.to(device), n, backend="csr")
+        matrix = adj._csr_pair[0] if adj._csr_pair is not None else None
+        index_bytes = matrix.col_indices().element_size() if matrix is not None else 8
+        x = torch.randn(n, width, device=device)
+        with torch.no_grad():
+            adj.matmul(x)
+            times = []
+            for _ in range(repeats):
+                start = _clock(device)
+                adj.matmul(x)
+                times.append(_clock(device) - start)
+        seconds = statistics.median(times)
+        moved = product_bytes(n, n, adj.nnz, width, index_bytes)
+        rows.append(
+            {
+                "graph": name,
+                "nodes": n,
+                "nnz": adj.nnz,
+                "width": width,
+                "ms": seconds * 1e3,
+                "gbps": {k: v / seconds / 1e9 for k, v in moved.items()},
+                "of_copy": {k: v / seconds / copy for k, v in moved.items()},
+            }
+        )
+    return {"copy_gbps": copy / 1e9, "rows": rows}
+
+
 def kernel_graphs(data_root: str | None, cache_dir: str | None, suite: str):
     from cm3_pyg.data import bipartite_normalized_adjacency
     from cm3_pyg.data.graphs import cosine_topk, knn_normalized_adjacency
@@ -559,6 +639,24 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"| {row['graph']} | {row['nnz']} | {row['width']} | "
                 + " | ".join(cells)
                 + f" | {row['auto_choice']} |"
+            )
+        lines.append("")
+    if "bandwidth" in result:
+        band = result["bandwidth"]
+        lines += [
+            "## Propagation bandwidth (CSR product, forward, median)",
+            "",
+            f"Copy bandwidth of this device: {band['copy_gbps']:.1f} GB/s (read + write).",
+            "",
+            "| graph | nnz | width | ms | GB/s, rows gathered | of copy | GB/s, rows read once "
+            "| of copy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in band["rows"]:
+            lines.append(
+                f"| {r['graph']} | {r['nnz']} | {r['width']} | {r['ms']:.2f} | "
+                f"{r['gbps']['gathered']:.1f} | {r['of_copy']['gathered']:.2f} | "
+                f"{r['gbps']['compulsory']:.1f} | {r['of_copy']['compulsory']:.2f} |"
             )
         lines.append("")
     if "knn" in result:
@@ -758,12 +856,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out / f"{args.suite}.md", to_markdown(full) + "\n")
 
     common = child_options(device, steps, args.data_root, args.cache_dir)
-    if "kernels" in sections:
-        print("kernels ...", flush=True)
-        result["kernels"] = kernels_section(
-            kernel_graphs(args.data_root, args.cache_dir, args.suite), device
-        )
-        save()
+    if "kernels" in sections or "bandwidth" in sections:
+        graphs = kernel_graphs(args.data_root, args.cache_dir, args.suite)
+        if "kernels" in sections:
+            print("kernels ...", flush=True)
+            result["kernels"] = kernels_section(graphs, device)
+            save()
+        if "bandwidth" in sections:
+            print("bandwidth ...", flush=True)
+            result["bandwidth"] = bandwidth_section(graphs, device)
+            save()
     if "knn" in sections:
         print("knn ...", flush=True)
         result["knn"] = knn_section(args.data_root, args.cache_dir, args.suite, device)

@@ -9,10 +9,12 @@ from torch.nn import LeakyReLU, Linear, Sequential
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.run import (
+    bandwidth_section,
     child_options,
     encoder_flops,
     kernels_section,
     merge_results,
+    product_bytes,
     to_markdown,
 )
 
@@ -55,6 +57,48 @@ def test_kernel_rows_and_markdown():
         }
     )
     assert "| tiny | 5 | 64 |" in text
+
+
+def test_product_bytes_count_a_hand_worked_matrix():
+    # A [3, 4] CSR matrix with 5 entries, int64 indices, x of width 2: row pointers 4 * 8,
+    # entries 5 * (8 + 4), output 3 * 2 * 4; rows gathered per entry 5 * 2 * 4, or x once
+    # 4 * 2 * 4.
+    moved = product_bytes(3, 4, 5, 2, 8)
+    assert moved == {"gathered": 32 + 60 + 40 + 24, "compulsory": 32 + 60 + 32 + 24}
+
+
+def test_bandwidth_rows_and_markdown():
+    index = torch.tensor([[0, 1, 1, 2, 3], [1, 0, 2, 1, 3]])
+    weight = torch.rand(5)
+    band = bandwidth_section({"toy": (index, weight, 4)}, "cpu", width=8, repeats=2)
+    assert band["copy_gbps"] > 0
+    (row,) = band["rows"]
+    assert row["nnz"] == 5 and row["width"] == 8 and row["ms"] > 0
+    # both byte counts over the same time: their ratio is the ratio of the counts
+    moved = product_bytes(4, 4, 5, 8, 8)
+    ratio = row["gbps"]["gathered"] / row["gbps"]["compulsory"]
+    assert math.isclose(ratio, moved["gathered"] / moved["compulsory"], rel_tol=1e-9)
+    assert math.isclose(
+        row["of_copy"]["gathered"] / row["gbps"]["gathered"], 1 / band["copy_gbps"], rel_tol=1e-9
+    )
+    text = to_markdown(
+        {
+            "suite": "quick",
+            "device": "cpu",
+            "date": "today",
+            "machine": {
+                "python": "3",
+                "torch": "2",
+                "threads": 1,
+                "torch_sparse": False,
+                "cpus": 2,
+                "ram_gib": 1,
+            },
+            "total_seconds": 1.0,
+            "bandwidth": band,
+        }
+    )
+    assert "## Propagation bandwidth" in text and "| toy | 5 | 8 |" in text
 
 
 def test_sea_club_benchmark_sides_follow_the_same_trajectory():
