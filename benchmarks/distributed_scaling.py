@@ -9,8 +9,9 @@ Per training step and process, for ``P`` processes (:mod:`cm3_pyg.training.distr
 * **replicated compute**: everything else (fusion, row normalisation, layer sums, the
   batch's loss terms, the optimiser), the same on every process.
 * **traffic**: each divided operation all-gathers its ``[n, F]`` output (forward, padded
-  blocks: ``P * ceil(n / P) * F`` elements arrive) and all-reduces the ``[n, F]`` gradient
-  of it (backward); the parameter gradients are all-reduced once.
+  blocks: ``P * ceil(n / P) * F`` elements arrive) and reduce-scatters the ``[n, F]``
+  gradient of it (backward: each process receives its block of the sum); the parameter
+  gradients are all-reduced once.
 
 :func:`cm3_traffic` and :func:`lightgcn_traffic` count those elements; the tests check
 them against the counters of :func:`cm3_pyg.nn.parallel.count_traffic` in a real
@@ -65,6 +66,8 @@ class Traffic:
 
     gathers: int
     gathered: int
+    scatters: int
+    scattered: int
     reduces: int
     reduced: int
 
@@ -89,18 +92,16 @@ def cm3_traffic(g: Graph, world_size: int) -> tuple[Traffic, Traffic]:
     outputs = [(g.num_items, 5 * d)] * len(g.feature_dims)  # encoder layer 1 + projection
     outputs += [(g.nodes, width)] * g.ui_layers + [(g.num_items, width)] * g.mm_layers
     gathered = sum(_padded(rows, world_size) * f for rows, f in outputs)
-    reduced = sum(rows * f for rows, f in outputs) + cm3_parameters(g)
-    step = Traffic(len(outputs), gathered, len(outputs) + 1, reduced)
-    return step, Traffic(len(outputs), gathered, 0, 0)
+    step = Traffic(len(outputs), gathered, len(outputs), gathered, 1, cm3_parameters(g))
+    return step, Traffic(len(outputs), gathered, 0, 0, 0, 0)
 
 
 def lightgcn_traffic(g: Graph, world_size: int) -> tuple[Traffic, Traffic]:
     """``(training step, evaluation forward)`` traffic of LightGCN."""
     d = g.embedding_dim
     gathered = g.ui_layers * _padded(g.nodes, world_size) * d
-    reduced = g.ui_layers * g.nodes * d + g.nodes * d
-    step = Traffic(g.ui_layers, gathered, g.ui_layers + 1, reduced)
-    return step, Traffic(g.ui_layers, gathered, 0, 0)
+    step = Traffic(g.ui_layers, gathered, g.ui_layers, gathered, 1, g.nodes * d)
+    return step, Traffic(g.ui_layers, gathered, 0, 0, 0, 0)
 
 
 def cm3_divided_work(g: Graph) -> tuple[float, float]:
@@ -151,14 +152,14 @@ def moved_bytes(g: Graph, world_size: int) -> float:
     """Bytes one process sends (= receives) per CM3 step in ring collectives."""
     step, _ = cm3_traffic(g, world_size)
     share = (world_size - 1) / world_size
-    return 4.0 * share * (step.gathered + 2 * step.reduced)
+    return 4.0 * share * (step.gathered + step.scattered + 2 * step.reduced)
 
 
 def predict(g: Graph, world_size: int, device: Device = H100) -> dict[str, float]:
     """Seconds of one CM3 step on ``world_size`` processes under this module's model: the
-    divided work ``/ P``, the replicated work, and the collectives (a ring all-gather moves
-    ``(P-1)/P`` of the gathered elements, a ring all-reduce ``2 (P-1)/P`` of the reduced
-    ones, 4 bytes each, plus a latency per collective)."""
+    divided work ``/ P``, the replicated work, and the collectives (a ring all-gather and a
+    ring reduce-scatter move ``(P-1)/P`` of their elements, a ring all-reduce ``2 (P-1)/P``,
+    4 bytes each, plus a latency per collective)."""
     gemm, sparse = cm3_divided_work(g)
     flops, passes = cm3_replicated_work(g)
     step, _ = cm3_traffic(g, world_size)
@@ -167,7 +168,7 @@ def predict(g: Graph, world_size: int, device: Device = H100) -> dict[str, float
     comm = 0.0
     if world_size > 1:
         comm = moved_bytes(g, world_size) / device.link_bandwidth
-        comm += (step.gathers + step.reduces) * device.latency
+        comm += (step.gathers + step.scatters + step.reduces) * device.latency
     return {
         "divided": divided,
         "replicated": replicated,

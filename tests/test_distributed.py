@@ -50,6 +50,49 @@ def test_split_rows_is_inert_for_one_process_and_nests():
     assert active_split() is None
 
 
+def _gather_worker(rank: int, world_size: int, store_path: str, num_rows: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from cm3_pyg.nn.parallel import gather_rows
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        split = RowSplit(rank, world_size)
+        start, end = split.bounds(num_rows)
+        table = torch.arange(num_rows * 3, dtype=torch.float64).view(num_rows, 3)
+        local = table[start:end].clone().requires_grad_(True)
+        full = gather_rows(local, num_rows, split)
+        # each process's own gradient of the gathered table: (rank + 1) * its values
+        (full * table * (rank + 1)).sum().backward()
+        torch.save({"full": full.detach(), "grad": local.grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_pads_short_blocks_and_sums_every_gradient(tmp_path):
+    """Uneven blocks (5 rows on 4 processes: 2, 2, 1, 0): the forward is the whole table on
+    every process and the backward each process's rows of the sum of all processes'
+    gradients, sum_r (r + 1) * table."""
+    import torch.multiprocessing as mp
+
+    num_rows, world_size = 5, 4
+    out = str(tmp_path / "result")
+    mp.spawn(
+        _gather_worker,
+        args=(world_size, str(tmp_path / "store"), num_rows, out),
+        nprocs=world_size,
+        join=True,
+    )
+    table = torch.arange(num_rows * 3, dtype=torch.float64).view(num_rows, 3)
+    total = table * sum(r + 1 for r in range(world_size))
+    for rank in range(world_size):
+        got = torch.load(f"{out}.{rank}")
+        start, end = row_bounds(num_rows, rank, world_size)
+        assert torch.equal(got["full"], table)
+        assert torch.equal(got["grad"], total[start:end])
+
+
 def test_a_row_shard_holds_its_block_and_stands_for_the_table():
     table = torch.randn(7, 5, dtype=torch.float64)
     weight, bias = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
@@ -156,6 +199,8 @@ def test_two_processes_take_the_single_process_steps(single_run, tmp_path):
         counted = multi[name]["traffic"]
         assert counted["gathers"] == steps * step.gathers + evals * evaluation.gathers, name
         assert counted["gathered"] == steps * step.gathered + evals * evaluation.gathered, name
+        assert counted["scatters"] == steps * step.scatters, name
+        assert counted["scattered"] == steps * step.scattered, name
         assert counted["reduces"] == steps * step.reduces, name
         assert counted["reduced"] == steps * step.reduced, name
     # CM3 and LIRDRec read their features row-wise only: each process keeps half of every

@@ -186,12 +186,17 @@ class Traffic:
     Attributes:
         gathers: all-gathers of row blocks (forward of :func:`gather_rows`).
         gathered: elements of the gathered tables (padded blocks: ``P * max block * width``).
-        reduces: all-reduces (backward of :func:`gather_rows`, and the gradients' sum).
+        scatters: reduce-scatters of gathered tables' gradients (backward of
+            :func:`gather_rows`).
+        scattered: elements handed to them (padded, as ``gathered``).
+        reduces: all-reduces (:func:`record_reduce`: the parameter gradients' sum).
         reduced: elements all-reduced.
     """
 
     gathers: int = 0
     gathered: int = 0
+    scatters: int = 0
+    scattered: int = 0
     reduces: int = 0
     reduced: int = 0
 
@@ -215,6 +220,12 @@ def _record_gather(elements: int) -> None:
     for traffic in _COUNTERS:
         traffic.gathers += 1
         traffic.gathered += elements
+
+
+def _record_scatter(elements: int) -> None:
+    for traffic in _COUNTERS:
+        traffic.scatters += 1
+        traffic.scattered += elements
 
 
 def record_reduce(elements: int) -> None:
@@ -245,7 +256,8 @@ def active_split() -> RowSplit | None:
 
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather of row blocks; backward: sum of every process's gradient, own block kept."""
+    """All-gather of row blocks; backward: reduce-scatter, i.e. the sum of every process's
+    gradient, of which each process receives its own block."""
 
     @staticmethod
     def forward(ctx: Any, local: Tensor, num_rows: int, split: RowSplit) -> Tensor:  # type: ignore[override]
@@ -263,14 +275,28 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        split = ctx.split
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=split.group)
-        record_reduce(total.numel())
-        start, end = split.bounds(ctx.num_rows)
-        # a copy of the own rows, so that the summed table is freed now rather than when
-        # the block's own backward has run
-        return total[start:end].clone(), None, None
+        # Reduce-scatter: each process receives only its block of the sum of every
+        # process's gradient (half the bytes of an all-reduce, and no full-size result).
+        split, num_rows = ctx.split, ctx.num_rows
+        start, end = split.bounds(num_rows)
+        stride = -(-num_rows // split.world_size)
+        if stride == 0:  # an empty table
+            return grad, None, None
+        grad = grad.contiguous()
+        blocks = list(grad.split(stride))
+        blocks += [grad[:0]] * (split.world_size - len(blocks))
+        # only the last blocks are short: pad those (a few rows), not the table
+        blocks = [b if b.size(0) == stride else _pad_rows(b, stride) for b in blocks]
+        own = grad.new_empty((stride, *grad.shape[1:]))
+        dist.reduce_scatter(own, blocks, op=dist.ReduceOp.SUM, group=split.group)
+        _record_scatter(own.numel() * split.world_size)
+        return own[: end - start], None, None
+
+
+def _pad_rows(block: Tensor, rows: int) -> Tensor:
+    padded = block.new_zeros((rows, *block.shape[1:]))
+    padded[: block.size(0)] = block
+    return padded
 
 
 def _all_gather_single(out: Tensor, local: Tensor, group: Any) -> None:
