@@ -343,6 +343,28 @@ def test_info_nce_blocks_match_full_logsumexp(block_rows, temperature):
         torch.testing.assert_close(x, y)
 
 
+def test_info_nce_default_blocks_hold_about_the_configured_logits(monkeypatch):
+    import cm3_pyg.nn.losses as losses
+
+    seen: list[int] = []
+    kernel = losses.pairwise.info_nce
+
+    def spy(a, o, block_rows):
+        seen.append(block_rows)
+        return kernel(a, o, block_rows)
+
+    monkeypatch.setattr(losses.pairwise, "info_nce", spy)
+    g = torch.Generator().manual_seed(4)
+    a = F.normalize(torch.randn(300, 5, generator=g, dtype=torch.float64), dim=-1)
+    o = F.normalize(torch.randn(300, 5, generator=g, dtype=torch.float64), dim=-1)
+    expected = -torch.log_softmax(a @ o.t() / 0.5, dim=1).diagonal().mean()
+    monkeypatch.setattr(losses, "INFO_NCE_BLOCK_ELEMENTS", 300 * 100)
+    torch.testing.assert_close(losses.info_nce_loss(a, o, 0.5), expected)
+    monkeypatch.setattr(losses, "INFO_NCE_BLOCK_ELEMENTS", 10)  # never below 64 rows
+    torch.testing.assert_close(losses.info_nce_loss(a, o, 0.5), expected)
+    assert seen == [100, 64]
+
+
 def test_info_nce_validation_and_empty_input():
     from cm3_pyg.nn import info_nce_loss
 

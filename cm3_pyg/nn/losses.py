@@ -244,8 +244,13 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
+#: Logits formed at once by :func:`info_nce_loss` when ``block_rows`` is not given (8 MiB of
+#: float32): blocks of this size stay in cache between their passes (BENCHMARKS.md).
+INFO_NCE_BLOCK_ELEMENTS = 2**21
+
+
 def info_nce_loss(
-    anchor: Tensor, other: Tensor, temperature: float = 1.0, block_rows: int = 1024
+    anchor: Tensor, other: Tensor, temperature: float = 1.0, block_rows: int | None = None
 ) -> Tensor:
     r"""InfoNCE of ``anchor`` rows against ALL ``other`` rows, positives on the diagonal.
 
@@ -263,7 +268,8 @@ def info_nce_loss(
         anchor: ``[N, k]`` rows.
         other: ``[N, k]`` rows; row ``i`` is the positive of ``anchor[i]``.
         temperature: :math:`\tau > 0`.
-        block_rows: rows of the logits formed at once.
+        block_rows: rows of the logits formed at once (default: about
+            :data:`INFO_NCE_BLOCK_ELEMENTS` logits, at least 64 rows).
 
     Returns:
         scalar.
@@ -278,6 +284,8 @@ def info_nce_loss(
     temperature = check_number(
         temperature, "info_nce_loss: temperature", minimum=0, exclusive_minimum=True
     )
+    if block_rows is None:
+        block_rows = max(64, INFO_NCE_BLOCK_ELEMENTS // max(other.size(0), 1))
     block_rows = check_int(block_rows, "info_nce_loss: block_rows", minimum=1)
     if anchor.size(0) == 0:
         return (anchor.sum() + other.sum()) * 0.0
