@@ -11,7 +11,8 @@ process count then runs the worker (``torchrun --nproc_per_node P``; one plain p
 its trainer (which keeps only its block of the feature tables' rows,
 :class:`~cm3_pyg.nn.parallel.RowShard`), frees the rest, resets its
 peak resident set (``/proc/self/clear_refs``), trains ``--steps`` steps and reports its
-peak, the bytes of the divided and of the replicated tensors it holds, and the step time.
+peak, the bytes of the divided tensors (feature rows, graph row blocks, optimiser state) and
+of the whole ones (parameters and gradients) it holds, and the step time.
 ``--evaluate`` also measures one validation evaluation (each process ranks its block of the
 users) after another reset. Linux only (``/proc``).
 """
@@ -114,8 +115,14 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path) -> Non
     entries = [t for block in blocks for t in (block.row, block.col, block.value)]
     record["adjacency_block_mib"] = _nbytes(entries) / MIB
     params = list(trainer.model.parameters())
-    # parameters, their gradients and Adam's two moments: replicated on every process
-    record["parameter_state_mib"] = 4 * _nbytes(params) / MIB
+    # parameters and their gradients: whole on every process
+    record["parameter_mib"] = 2 * _nbytes(params) / MIB
+    # the optimiser's per-element state (Adam's moments): divided among the processes
+    optimizer = trainer.optimizer
+    inner = getattr(optimizer, "inner", optimizer)
+    state = [] if inner is None else list(inner.state.values())
+    moments = [v for entry in state for k, v in entry.items() if k != "step"]
+    record["optimizer_state_mib"] = _nbytes(moments) / MIB
     if evaluate:
         gc.collect()
         _reset_peak()
@@ -154,8 +161,9 @@ def format_table(runs: dict[int, list[dict[str, Any]]]) -> str:
     """Markdown: per process count, the largest per-process figures (rank 0's rows)."""
     lines = [
         "| processes | feature rows per process | feature MiB per process | adjacency blocks "
-        "MiB | parameter state MiB | setup RSS MiB | training peak MiB | eval peak MiB | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "MiB | parameters + gradients MiB | optimizer state MiB | setup RSS MiB | training "
+        "peak MiB | eval peak MiB | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for nproc, records in sorted(runs.items()):
 
@@ -168,7 +176,8 @@ def format_table(runs: dict[int, list[dict[str, Any]]]) -> str:
         )
         lines.append(
             f"| {nproc} | {rows} | {worst('feature_mib', 1)} | {worst('adjacency_block_mib')} | "
-            f"{worst('parameter_state_mib')} | {worst('setup_rss_mib')} | "
+            f"{worst('parameter_mib')} | {worst('optimizer_state_mib', 1)} | "
+            f"{worst('setup_rss_mib')} | "
             f"{worst('train_peak_mib')} | {worst('eval_peak_mib')} | "
             f"{max(r['step_s'] for r in records):.1f} |"
         )

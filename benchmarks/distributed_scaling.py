@@ -11,7 +11,8 @@ Per training step and process, for ``P`` processes (:mod:`cm3_pyg.training.distr
 * **traffic**: each divided operation all-gathers its ``[n, F]`` output (forward, padded
   blocks: ``P * ceil(n / P) * F`` elements arrive) and reduce-scatters the ``[n, F]``
   gradient of it (backward: each process receives its block of the sum); the parameter
-  gradients are all-reduced once.
+  gradients are reduce-scattered and the updated parameter blocks all-gathered once
+  (:class:`~cm3_pyg.training.distributed.DividedOptimizer`).
 
 :func:`cm3_traffic` and :func:`lightgcn_traffic` count those elements; the tests check
 them against the counters of :func:`cm3_pyg.nn.parallel.count_traffic` in a real
@@ -92,7 +93,10 @@ def cm3_traffic(g: Graph, world_size: int) -> tuple[Traffic, Traffic]:
     outputs = [(g.num_items, 5 * d)] * len(g.feature_dims)  # encoder layer 1 + projection
     outputs += [(g.nodes, width)] * g.ui_layers + [(g.num_items, width)] * g.mm_layers
     gathered = sum(_padded(rows, world_size) * f for rows, f in outputs)
-    step = Traffic(len(outputs), gathered, len(outputs), gathered, 1, cm3_parameters(g))
+    # + the parameters: gradients reduce-scattered, updated blocks all-gathered
+    params = _padded(cm3_parameters(g), world_size)
+    n = len(outputs) + 1
+    step = Traffic(n, gathered + params, n, gathered + params, 0, 0)
     return step, Traffic(len(outputs), gathered, 0, 0, 0, 0)
 
 
@@ -100,34 +104,42 @@ def lightgcn_traffic(g: Graph, world_size: int) -> tuple[Traffic, Traffic]:
     """``(training step, evaluation forward)`` traffic of LightGCN."""
     d = g.embedding_dim
     gathered = g.ui_layers * _padded(g.nodes, world_size) * d
-    step = Traffic(g.ui_layers, gathered, g.ui_layers, gathered, 1, g.nodes * d)
+    params = _padded(g.nodes * d, world_size)
+    n = g.ui_layers + 1
+    step = Traffic(n, gathered + params, n, gathered + params, 0, 0)
     return step, Traffic(g.ui_layers, gathered, 0, 0, 0, 0)
 
 
 def cm3_divided_work(g: Graph) -> tuple[float, float]:
-    """``(GEMM FLOPs, sparse-product bytes)`` of one CM3 step's divided operations, forward
-    and backward. The encoders: ``2 n k m`` per GEMM; a forward and both gradient products
-    for the second layer, a forward and the weight gradient for the first (its input, the
-    features, needs none). The sparse products are memory-bound: per product and direction
-    each stored entry reads its column index and value (12 bytes) and a gathered row of
-    ``F`` floats, and the ``[n, F]`` output is written."""
+    """``(GEMM FLOPs, bytes)`` of one CM3 step's divided operations, forward and backward.
+
+    The encoders: ``2 n k m`` per GEMM; a forward and both gradient products for the second
+    layer, a forward and the weight gradient for the first (its input, the features, needs
+    none). The bytes: the sparse products, memory-bound (per product and direction each
+    stored entry reads its column index and value, 12 bytes, and a gathered row of ``F``
+    floats, and the ``[n, F]`` output is written), and the optimiser step (Adam's 4 passes
+    over the parameters).
+    """
     d, width = g.embedding_dim, g.channels * g.embedding_dim
     gemm = sum(
         2 * 2 * g.num_items * dm * 5 * d + 3 * 2 * g.num_items * 4 * d * d for dm in g.feature_dims
     )
     products = [(g.ui_nnz, g.nodes)] * g.ui_layers + [(g.item_nnz, g.num_items)] * g.mm_layers
     sparse = sum(2 * (nnz * (12 + 4 * width) + 4 * rows * width) for nnz, rows in products)
-    return float(gemm), float(sparse)
+    # Adam's 4 float32 passes over the parameters (DividedOptimizer: each process its block)
+    adam = 4 * 4 * cm3_parameters(g)
+    return float(gemm), float(sparse + adam)
 
 
 def cm3_replicated_work(g: Graph) -> tuple[float, float]:
     """``(FLOPs, bytes)`` of one CM3 step's replicated work: the pairwise loss GEMMs over the
     batch (users and negatives, ``B x B`` each, forward and backward: ``2 * 6 B^2 C d``), and
     about 12 float32 passes over the ``[U + I, C d]`` node table (channel input, layer sums,
-    their gradients, the gathered gradients' sum) plus 4 over the parameters (Adam)."""
+    their gradients, the gathered gradients' sum) plus 2 over the parameters (the flattened
+    gradients, the gathered parameters copied back)."""
     width = g.channels * g.embedding_dim
     flops = 2 * 6 * g.batch**2 * width
-    passes = 4.0 * (12 * g.nodes * width + 4 * 4 * cm3_parameters(g))
+    passes = 4.0 * (12 * g.nodes * width + 2 * cm3_parameters(g))
     return float(flops), passes
 
 

@@ -93,6 +93,131 @@ def test_gather_rows_pads_short_blocks_and_sums_every_gradient(tmp_path):
         assert torch.equal(got["grad"], total[start:end])
 
 
+def _optimizer_worker(rank: int, world_size: int, store_path: str, out: str) -> None:
+    import functools
+
+    import torch.distributed as dist
+
+    from cm3_pyg.nn.optim import make_optimizer
+    from cm3_pyg.training.distributed import DividedOptimizer
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        world = World(rank, world_size)
+
+        def tables() -> list[torch.Tensor]:
+            g = torch.Generator().manual_seed(0)
+            shapes = ((3, 2), (5,), (1,))  # 11 elements in group 0 (blocks 3, 3, 3, 2), 1
+            return [
+                torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes
+            ]
+
+        def groups(ts: list[torch.Tensor]) -> list[dict]:
+            return [
+                {"params": ts[:2], "weight_decay": 0.1},
+                {"params": ts[2:], "weight_decay": 0.0},
+            ]
+
+        make = functools.partial(make_optimizer, "adam", lr=0.05)
+        ours_t, ref_t = tables(), tables()
+        ours, ref = DividedOptimizer(groups(ours_t), make, world), make(groups(ref_t))
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref_t]
+            for i, (a, b, grad) in enumerate(zip(ours_t, ref_t, grads, strict=True)):
+                skip = step == 1 and i == 1  # no gradient: skipped, as by Adam itself
+                # each process's share; the optimiser sums them (world_size 4: exact)
+                a.grad = None if skip else grad / world_size
+                b.grad = None if skip else grad
+            if step == 2:  # the model changes a parameter itself, and the lr changes
+                with torch.no_grad():
+                    ours_t[0].mul_(0.5)
+                    ref_t[0].mul_(0.5)
+                ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01
+            ours.step()
+            ref.step()
+        state = ours.state_dict()  # collective
+        # resume from the undivided optimiser's state on a fresh divided one, one more step
+        again_t = [t.detach().clone().requires_grad_() for t in ref_t]
+        again = DividedOptimizer(groups(again_t), make, world)
+        again.load_state_dict(ref.state_dict())
+        for a, b in zip(again_t, ref_t, strict=True):
+            a.grad = torch.ones_like(a) / world_size
+            b.grad = torch.ones_like(b)
+        again.step()
+        ref.step()
+        torch.save(
+            {
+                "ours": [t.detach() for t in ours_t],
+                "state": state,
+                "again": [t.detach() for t in again_t],
+                "ref": [t.detach() for t in ref_t],
+                "ref_state": ref.state_dict(),
+            },
+            f"{out}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_divided_optimizer_takes_the_undivided_steps_and_states(tmp_path):
+    """DividedOptimizer on 4 processes (uneven blocks; a group of one element that three
+    processes own nothing of; a step without a gradient; a parameter changed in place; an
+    lr change) against one Adam: the same parameters, the undivided ``state_dict``, and a
+    resume from the undivided state that continues alike."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_optimizer_worker, args=(4, str(tmp_path / "store"), out), nprocs=4, join=True)
+    for rank in range(4):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        # after 4 steps the reference stepped once more: compare the resumed run with it
+        for a, b in zip(got["again"], got["ref"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        ref_state = got["ref_state"]
+        assert got["state"]["param_groups"][0]["lr"] == 0.01
+        assert set(got["state"]["state"]) == set(ref_state["state"]) == {0, 1, 2}
+        assert got["state"]["state"][1]["step"] == 3  # one step had no gradient
+    # the divided run before the resume: parameters and state of the undivided Adam after 4
+    # steps (recomputed here in one process)
+    import functools
+
+    from cm3_pyg.nn.optim import make_optimizer
+
+    g0 = torch.Generator().manual_seed(0)
+    ref_t = [
+        torch.randn(s, generator=g0, dtype=torch.float64).requires_grad_()
+        for s in ((3, 2), (5,), (1,))
+    ]
+    ref = functools.partial(make_optimizer, "adam", lr=0.05)(
+        [{"params": ref_t[:2], "weight_decay": 0.1}, {"params": ref_t[2:], "weight_decay": 0.0}]
+    )
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref_t]
+        for i, (t, grad) in enumerate(zip(ref_t, grads, strict=True)):
+            t.grad = None if step == 1 and i == 1 else grad
+        if step == 2:
+            with torch.no_grad():
+                ref_t[0].mul_(0.5)
+            ref.param_groups[0]["lr"] = 0.01
+        ref.step()
+    want = ref.state_dict()
+    for rank in range(4):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        for a, b in zip(got["ours"], ref_t, strict=True):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+        for index, entry in want["state"].items():
+            for key, value in entry.items():
+                torch.testing.assert_close(
+                    torch.as_tensor(got["state"]["state"][index][key]),
+                    value,
+                    rtol=1e-12,
+                    atol=1e-12,
+                )
+
+
 def test_a_row_shard_holds_its_block_and_stands_for_the_table():
     table = torch.randn(7, 5, dtype=torch.float64)
     weight, bias = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)

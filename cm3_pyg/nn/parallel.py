@@ -39,9 +39,11 @@ __all__ = [
     "RowSplit",
     "Traffic",
     "active_split",
+    "all_gather_blocks",
     "count_traffic",
     "gather_rows",
     "record_reduce",
+    "reduce_scatter_blocks",
     "row_bounds",
     "split_rows",
 ]
@@ -255,42 +257,53 @@ def active_split() -> RowSplit | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def all_gather_blocks(local: Tensor, num_rows: int, split: RowSplit, count: bool = True) -> Tensor:
+    """The ``[num_rows, ...]`` table from every process's block ``local`` (its rows
+    :meth:`RowSplit.bounds`), not differentiable. Counted as a gather (:class:`Traffic`)
+    unless ``count`` is false (traffic outside the training step, e.g. a checkpoint)."""
+    stride = -(-num_rows // split.world_size)
+    # collectives want equal blocks: only the last blocks are short, padded with zeros
+    if local.size(0) < stride:
+        local = _pad_rows(local, stride)
+    out = local.new_empty((stride * split.world_size, *local.shape[1:]))
+    _all_gather_single(out, local.contiguous(), split.group)
+    if count:
+        _record_gather(out.numel())
+    return out[:num_rows] if out.size(0) > num_rows else out
+
+
+def reduce_scatter_blocks(full: Tensor, split: RowSplit) -> Tensor:
+    """This process's block of rows (:meth:`RowSplit.bounds`) of the sum over the processes
+    of their ``[n, ...]`` tables ``full``: half the bytes of an all-reduce, and no full-size
+    result. Counted as a scatter (:class:`Traffic`)."""
+    num_rows = full.size(0)
+    start, end = split.bounds(num_rows)
+    stride = -(-num_rows // split.world_size)
+    if stride == 0:  # an empty table
+        return full
+    full = full.contiguous()
+    blocks = list(full.split(stride))
+    blocks += [full[:0]] * (split.world_size - len(blocks))
+    # only the last blocks are short: pad those (a few rows), not the table
+    blocks = [b if b.size(0) == stride else _pad_rows(b, stride) for b in blocks]
+    own = full.new_empty((stride, *full.shape[1:]))
+    dist.reduce_scatter(own, blocks, op=dist.ReduceOp.SUM, group=split.group)
+    _record_scatter(own.numel() * split.world_size)
+    return own[: end - start]
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather of row blocks; backward: reduce-scatter, i.e. the sum of every process's
     gradient, of which each process receives its own block."""
 
     @staticmethod
     def forward(ctx: Any, local: Tensor, num_rows: int, split: RowSplit) -> Tensor:  # type: ignore[override]
-        ctx.split, ctx.num_rows = split, num_rows
-        stride = -(-num_rows // split.world_size)
-        # collectives want equal blocks: only the last blocks are short, padded with zeros
-        if local.size(0) < stride:
-            padded = local.new_zeros((stride, *local.shape[1:]))
-            padded[: local.size(0)] = local
-            local = padded
-        out = local.new_empty((stride * split.world_size, *local.shape[1:]))
-        _all_gather_single(out, local.contiguous(), split.group)
-        _record_gather(out.numel())
-        return out[:num_rows] if out.size(0) > num_rows else out
+        ctx.split = split
+        return all_gather_blocks(local, num_rows, split)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        # Reduce-scatter: each process receives only its block of the sum of every
-        # process's gradient (half the bytes of an all-reduce, and no full-size result).
-        split, num_rows = ctx.split, ctx.num_rows
-        start, end = split.bounds(num_rows)
-        stride = -(-num_rows // split.world_size)
-        if stride == 0:  # an empty table
-            return grad, None, None
-        grad = grad.contiguous()
-        blocks = list(grad.split(stride))
-        blocks += [grad[:0]] * (split.world_size - len(blocks))
-        # only the last blocks are short: pad those (a few rows), not the table
-        blocks = [b if b.size(0) == stride else _pad_rows(b, stride) for b in blocks]
-        own = grad.new_empty((stride, *grad.shape[1:]))
-        dist.reduce_scatter(own, blocks, op=dist.ReduceOp.SUM, group=split.group)
-        _record_scatter(own.numel() * split.world_size)
-        return own[: end - start], None, None
+        return reduce_scatter_blocks(grad, ctx.split), None, None
 
 
 def _pad_rows(block: Tensor, rows: int) -> Tensor:

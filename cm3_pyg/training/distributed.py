@@ -5,13 +5,15 @@ numbers (one seed). Inside each step the row-wise work is divided (:mod:`cm3_pyg
 process ``r`` of ``P`` encodes its block of the item feature rows and forms its block of rows
 of every sparse product of propagation; the blocks are all-gathered, and the batch's losses,
 pairwise terms included, are computed on the whole global batch. Each process back-propagates
-``loss / P`` and the parameter gradients are summed, so every step is the single-process step
-at the same batch (equal up to floating-point summation order), and the parameters stay
-identical on every process. Evaluation splits the evaluated users into ``P`` blocks and adds
-up the metric sums.
+``loss / P``; :class:`DividedOptimizer` sums the parameter gradients (reduce-scatter), steps
+each process's block of the parameters and gathers the blocks, so every step is the
+single-process step at the same batch (equal up to floating-point summation order), and the
+parameters stay identical on every process. Evaluation splits the evaluated users into ``P``
+blocks and adds up the metric sums.
 
-Because the state is the same on every process, a checkpoint (written by rank 0) resumes with
-any number of processes, one included. Rank 0 writes every file; the other ranks only read.
+A checkpoint (written by rank 0) holds the parameters and the undivided optimiser state, so
+it resumes with any number of processes, one included. Rank 0 writes every file; the other
+ranks only read.
 
 Launch: ``torchrun --nproc_per_node 2 -m cm3_pyg train ...`` (gloo on CPU, NCCL when the
 configured device is CUDA: rank ``r`` then uses ``cuda:<LOCAL_RANK>``).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +34,14 @@ from torch import Tensor
 
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.metrics import FullRankingEvaluator, RankingSums
-from cm3_pyg.nn.parallel import RowSplit, record_reduce, row_bounds
+from cm3_pyg.nn.parallel import (
+    RowSplit,
+    all_gather_blocks,
+    reduce_scatter_blocks,
+    row_bounds,
+)
 
-__all__ = ["World", "world_from_env"]
+__all__ = ["DividedOptimizer", "World", "world_from_env"]
 
 logger = logging.getLogger("cm3_pyg")
 
@@ -76,23 +83,6 @@ class World:
             for tensor in module.state_dict().values():
                 if isinstance(tensor, Tensor):
                     dist.broadcast(tensor, src=0)
-
-    def all_reduce_gradients(self, parameters: Iterable[Tensor]) -> None:
-        """Sum every parameter's gradient over the processes, in one flat buffer."""
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
-            return
-        by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for grad in grads:
-            by_kind.setdefault((grad.dtype, grad.device), []).append(grad)
-        for group in by_kind.values():
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            record_reduce(flat.numel())
-            offset = 0
-            for grad in group:
-                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
 
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` (a picklable object) on every process."""
@@ -136,6 +126,203 @@ class World:
         return RankingSums(
             ks, packed[:-1].view_as(sums.sums), packed[-1].round().to(torch.long).reshape(())
         )
+
+
+#: State entries that are not per element (Adam's step count).
+_SCALAR_STATE = ("step",)
+
+
+class DividedOptimizer:
+    """An element-wise optimiser (Adam, SGD) whose state each process keeps for its block of
+    the parameters only.
+
+    Per parameter group, the parameters are laid end to end and process ``r`` owns the
+    elements of block ``r`` (:func:`~cm3_pyg.nn.parallel.row_bounds` over their total
+    size). After the backward, :meth:`step` reduce-scatters the flattened gradients, so each
+    process receives the sum over the processes of its block only, steps an optimiser made
+    by ``make`` over views of that block (Adam's moments: ``1 / P`` of their memory), and
+    all-gathers the updated blocks into every process's parameters. An element-wise
+    optimiser takes the same step on a block as on the whole parameter, so training equals
+    the undivided optimiser's. A parameter without a gradient is skipped, as by the
+    optimiser itself (every process has the same ones).
+
+    :meth:`state_dict` and :meth:`load_state_dict` use the undivided optimiser's format, so a
+    checkpoint resumes on any number of processes; :meth:`state_dict` is collective (every
+    process calls it).
+
+    Args:
+        groups: parameter groups as for ``torch.optim`` (``{"params": [...], ...}``); the
+            parameters of a group share a dtype and device and are contiguous.
+        make: builds the optimiser over groups (the same for the block and for the whole).
+        world: the processes.
+    """
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        world: World,
+    ) -> None:
+        self.world, self._make = world, make
+        self._groups = [dict(g, params=list(g["params"])) for g in groups if g["params"]]
+        #: per group: (its parameters, [(parameter, offset, start, end, view of its block)])
+        self._layout: list[tuple[list[Tensor], list[tuple[Tensor, int, int, int, Tensor]]]] = []
+        inner_groups = []
+        split = world.split
+        for index, group in enumerate(self._groups):
+            params = group["params"]
+            kinds = {(p.dtype, p.device) for p in params}
+            if len(kinds) > 1 or not all(p.is_contiguous() for p in params):
+                raise ValueError(
+                    f"DividedOptimizer: parameter group {index} mixes dtypes or devices "
+                    f"({sorted(str(k) for k in kinds)}) or holds a non-contiguous parameter"
+                )
+            lo, hi = split.bounds(sum(p.numel() for p in params))
+            pieces, offset = [], 0
+            for p in params:
+                start, end = max(lo - offset, 0), min(hi - offset, p.numel())
+                if start < end:
+                    # a view: the optimiser updates the parameter in place, and a change the
+                    # model makes to it (LIRDRec's per-epoch attention) is what it steps
+                    piece = p.detach().view(-1)[start:end]
+                    pieces.append((p, offset, start, end, piece))
+                offset += p.numel()
+            self._layout.append((params, pieces))
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            inner_groups.append({**hyper, "params": [piece[-1] for piece in pieces]})
+        # the hyper-parameters the caller sets (lr decay), one dict per group
+        self.param_groups: list[dict[str, Any]] = [
+            {k: v for k, v in g.items() if k != "params"} for g in self._groups
+        ]
+        self._owned = [i for i, g in enumerate(inner_groups) if g["params"]]
+        self.inner = make([inner_groups[i] for i in self._owned]) if self._owned else None
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        """Every parameter, in group order."""
+        return [p for params, _ in self._layout for p in params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def step(self) -> None:
+        """Sum the gradients (reduce-scatter), step this process's block, gather the blocks."""
+        split = self.world.split
+        for params, pieces in self._layout:
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in params
+                ]
+            )
+            own = reduce_scatter_blocks(flat, split)
+            base = pieces[0][1] + pieces[0][2] if pieces else 0
+            for p, offset, start, end, piece in pieces:
+                at = offset + start - base
+                piece.grad = None if p.grad is None else own[at : at + end - start]
+        if self.inner is not None:
+            for inner_group, index in zip(self.inner.param_groups, self._owned, strict=True):
+                inner_group.update(self.param_groups[index])
+            self.inner.step()
+        with torch.no_grad():
+            for params, pieces in self._layout:
+                local = torch.cat([piece[-1].detach() for piece in pieces]) if pieces else None
+                if local is None:
+                    local = params[0].new_empty(0)
+                full = all_gather_blocks(local, sum(p.numel() for p in params), split)
+                offset = 0
+                for p in params:
+                    p.view(-1).copy_(full[offset : offset + p.numel()])
+                    offset += p.numel()
+
+    def _whole(self) -> torch.optim.Optimizer:
+        """The undivided optimiser over the whole parameters, with the current
+        hyper-parameters and no state."""
+        whole = self._make([dict(g) for g in self._groups])
+        for group, hyper in zip(whole.param_groups, self.param_groups, strict=True):
+            group.update(hyper)
+        return whole
+
+    def state_dict(self) -> dict[str, Any]:
+        """The undivided optimiser's ``state_dict`` (collective: every process calls it)."""
+        split = self.world.split
+        whole = self._whole()
+        state = self.inner.state if self.inner is not None else {}
+        # which parameters have state, with their per-parameter entries, from the process
+        # owning each parameter's first element (rank order: the earliest owner wins)
+        scalars: dict[tuple[int, int], dict[str, Any]] = {}
+        for g, (params, pieces) in enumerate(self._layout):
+            index = {id(p): i for i, p in enumerate(params)}
+            for p, _, start, _, piece in pieces:
+                if start == 0 and piece in state:
+                    scalars[(g, index[id(p)])] = {
+                        k: v.cpu() if torch.is_tensor(v) else v
+                        for k, v in state[piece].items()
+                        if k in _SCALAR_STATE
+                    } | {"__keys__": sorted(state[piece])}
+        every: list[Any] = [None] * self.world.world_size
+        dist.all_gather_object(every, scalars)
+        known: dict[tuple[int, int], dict[str, Any]] = {}
+        for part in every:
+            for key, value in part.items():
+                known.setdefault(key, value)
+        out_state: dict[int, dict[str, Any]] = {}
+        number = 0
+        for g, (params, pieces) in enumerate(self._layout):
+            keys = sorted(
+                {k for (gg, _), v in known.items() if gg == g for k in v["__keys__"]}
+                - set(_SCALAR_STATE)
+            )
+            total = sum(p.numel() for p in params)
+            gathered = {}
+            for key in keys:
+                local = [
+                    state[piece][key] if piece in state else torch.zeros_like(piece)
+                    for *_, piece in pieces
+                ]
+                block = torch.cat(local) if local else params[0].new_empty(0)
+                gathered[key] = all_gather_blocks(block.detach(), total, split, count=False)
+            offset = 0
+            for i, p in enumerate(params):
+                entry = known.get((g, i))
+                if entry is not None:
+                    values = {k: v for k, v in entry.items() if k != "__keys__"}
+                    for key in keys:
+                        flat = gathered[key][offset : offset + p.numel()]
+                        values[key] = flat.view_as(p).clone()
+                    out_state[number + i] = values
+                offset += p.numel()
+            number += len(params)
+        result = whole.state_dict()
+        result["state"] = out_state
+        return result
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this process's block of an undivided optimiser's ``state_dict``."""
+        whole = self._whole()
+        whole.load_state_dict(state)  # checks the layout and moves the tensors
+        for hyper, group in zip(self.param_groups, whole.param_groups, strict=True):
+            hyper.update({k: v for k, v in group.items() if k != "params"})
+        if self.inner is None:
+            return
+        self.inner.state.clear()
+        for _, pieces in self._layout:
+            for p, _, start, end, piece in pieces:
+                saved = whole.state.get(p)
+                if not saved:
+                    continue
+                self.inner.state[piece] = {
+                    k: (
+                        v.reshape(-1)[start:end].clone()
+                        if torch.is_tensor(v) and k not in _SCALAR_STATE
+                        else (v.clone() if torch.is_tensor(v) else v)
+                    )
+                    for k, v in saved.items()
+                }
 
 
 _WORLD: World | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ from cm3_pyg.nn.optim import make_adam, make_optimizer
 from cm3_pyg.nn.parallel import RowShard, split_rows
 from cm3_pyg.nn.precision import matmul_precision
 from cm3_pyg.training.checkpoint import capture_rng_state, restore_rng_state
-from cm3_pyg.training.distributed import World
+from cm3_pyg.training.distributed import DividedOptimizer, World
 from cm3_pyg.training.inputs import Splits
 from cm3_pyg.training.sampler import NegativeSampler, epoch_batches
 
@@ -169,7 +170,10 @@ class Trainer:
         world: train on several processes (:mod:`cm3_pyg.training.distributed`): every
             process runs this trainer with the same arguments; each step's row-wise work is
             divided among them, each back-propagates ``loss / P`` and the gradients are
-            summed, and evaluation divides the users. The state stays identical everywhere.
+            summed, and evaluation divides the users. The parameters stay identical
+            everywhere; the optimiser state is divided (:class:`DividedOptimizer`), so
+            :meth:`state_dict` is collective and ``checkpoint`` must be set on every process
+            (a no-op where nothing is written).
             For a model with ``row_local_features`` each process keeps only its block of the
             feature tables' rows (:class:`~cm3_pyg.nn.parallel.RowShard`, in
             ``self.inputs``); the full tables are freed once nothing else holds them.
@@ -236,9 +240,13 @@ class Trainer:
         # The outer optimiser trains every parameter except the inner problems' networks,
         # each of which gets an Adam of its own (no weight decay, as the references). An
         # objective with parameters of its own (NBPO's flip model) gets its own weight decay.
-        self.optimizer = make_optimizer(
-            str(config["optimizer"]), _parameter_groups(model, float(config["weight_decay"])), lr
-        )
+        groups = _parameter_groups(model, float(config["weight_decay"]))
+        make = functools.partial(make_optimizer, str(config["optimizer"]), lr=lr)
+        self.optimizer: torch.optim.Optimizer | DividedOptimizer
+        if world is None:
+            self.optimizer = make(groups)
+        else:  # each process keeps the optimiser state of its block of the parameters
+            self.optimizer = DividedOptimizer(groups, make, world)
         self.inner_problems = model.inner_problems()
         self.inner_optimizers = {
             problem.name: make_adam(
@@ -276,7 +284,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`fit` needs to continue after the last completed epoch."""
+        """Everything :meth:`fit` needs to continue after the last completed epoch (on several
+        processes: collective, the same on every process)."""
         return {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
@@ -369,11 +378,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.world is None:
                 loss.backward()
-            else:  # each process's share; the sum of the gradients is the whole step's
+            else:  # each process's share; the optimiser sums the gradients
                 (loss / self.world.world_size).backward()
-                self.world.all_reduce_gradients(
-                    p for group in self.optimizer.param_groups for p in group["params"]
-                )
             self.optimizer.step()
             total += loss.detach()
             _accumulate(term_totals, terms)
