@@ -290,8 +290,7 @@ def _run_experiment(
         splits,
         config,
         progress=progress,
-        # every process gathers the (divided) optimiser state; only the writer saves it
-        checkpoint=(save if writer else _discard) if checkpoint and ckpt_path is not None else None,
+        checkpoint=save if checkpoint and write_path is not None else None,
         fault_injector=fault_injector,
         world=world,
     )
@@ -416,10 +415,6 @@ def _run_experiment(
     if failure is not None:
         raise failure
     return metrics
-
-
-def _discard(state: dict[str, Any]) -> None:
-    """A non-writing process's checkpoint: its share of the collective state, not saved."""
 
 
 def _same_kernels(inputs: GraphInputs, world: World) -> GraphInputs:

@@ -172,8 +172,8 @@ class Trainer:
             divided among them, each back-propagates ``loss / P`` and the gradients are
             summed, and evaluation divides the users. The parameters stay identical
             everywhere; the optimiser state is divided (:class:`DividedOptimizer`), so
-            :meth:`state_dict` is collective and ``checkpoint`` must be set on every process
-            (a no-op where nothing is written).
+            :meth:`state_dict` is collective: :meth:`fit` gathers it on every process after
+            each epoch, and ``checkpoint`` (set where the file is written) saves it.
             For a model with ``row_local_features`` each process keeps only its block of the
             feature tables' rows (:class:`~cm3_pyg.nn.parallel.RowShard`, in
             ``self.inputs``); the full tables are freed once nothing else holds them.
@@ -460,8 +460,10 @@ class Trainer:
                 eval_seconds,
             )
             # Checkpoint first: if the process dies in the callback, the epoch is saved.
-            if self.checkpoint is not None:
-                self.checkpoint(self.state_dict())
+            if self.checkpoint is not None or self.world is not None:
+                state = self.state_dict()  # collective on several processes: all take part
+                if self.checkpoint is not None:
+                    self.checkpoint(state)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
         return self.result()
