@@ -191,7 +191,9 @@ class Traffic:
         scatters: reduce-scatters of gathered tables' gradients (backward of
             :func:`gather_rows`).
         scattered: elements handed to them (padded, as ``gathered``).
-        reduces: all-reduces (:func:`record_reduce`: the parameter gradients' sum).
+        reduces: all-reduces reported through :func:`record_reduce` (none in the library's
+            training step: :class:`~cm3_pyg.training.distributed.DividedOptimizer`
+            reduce-scatters the parameter gradients).
         reduced: elements all-reduced.
     """
 
