@@ -306,7 +306,9 @@ class DividedOptimizer:
         whole = self._whole()
         whole.load_state_dict(state)  # checks the layout and moves the tensors
         for hyper, group in zip(self.param_groups, whole.param_groups, strict=True):
-            hyper.update({k: v for k, v in group.items() if k != "params"})
+            # the settings a caller sets (lr, the group's own); implementation flags such as
+            # ``fused`` stay those of the optimiser made for this process's block
+            hyper.update({k: group[k] for k in {*hyper, "lr"} if k in group})
         if self.inner is None:
             return
         self.inner.state.clear()
