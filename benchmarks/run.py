@@ -431,13 +431,18 @@ def copy_bandwidth(device: str, mib: int = 512, repeats: int = 7) -> float:
     n = mib * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
+    return 2 * n * 4 / _median_seconds(lambda: dst.copy_(src), device, repeats)
+
+
+def _median_seconds(fn: Callable[[], Any], device: str, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = _clock(device)
-        dst.copy_(src)
+        fn()
         times.append(_clock(device) - start)
-    return 2 * n * 4 / statistics.median(times)
+    return statistics.median(times)
 
 
 def _clock(device: str) -> float:
@@ -479,13 +484,7 @@ def bandwidth_section(
         index_bytes = matrix.col_indices().element_size() if matrix is not None else 8
         x = torch.randn(n, width, device=device)
         with torch.no_grad():
-            adj.matmul(x)
-            times = []
-            for _ in range(repeats):
-                start = _clock(device)
-                adj.matmul(x)
-                times.append(_clock(device) - start)
-        seconds = statistics.median(times)
+            seconds = _median_seconds(lambda adj=adj, x=x: adj.matmul(x), device, repeats)
         moved = product_bytes(n, n, adj.nnz, width, index_bytes)
         rows.append(
             {

@@ -33,6 +33,22 @@ def test_rejects_values_glibc_cannot_take():
         retain_freed_memory(trim_threshold=-1)
 
 
+def _run_child(script: str) -> list[str]:
+    """The words ``script`` prints in a child process with 4 KiB pages (so it counts glibc's
+    reuse only) and no allocator setting inherited."""
+    env = {**os.environ, OPT_OUT_ENV: "0"}
+    env.pop(TORCH_ENV, None)
+    env.pop(RETAIN_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=env,
+    ).stdout.split()
+
+
 @glibc_linux
 def test_freed_buffers_are_reused_without_page_faults():
     # A child process: allocate, touch and free a 24 MiB tensor 6 times. With glibc's
@@ -60,16 +76,7 @@ def test_freed_buffers_are_reused_without_page_faults():
         print(applied, before, after)
         """
     )
-    env = {**os.environ, OPT_OUT_ENV: "0"}  # 4 KiB pages: this counts glibc's reuse only
-    env.pop(TORCH_ENV, None)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env=env,
-    ).stdout.split()
+    out = _run_child(script)
     applied, before, after = out[0] == "True", float(out[1]), float(out[2])
     if not applied:
         pytest.skip("this C library does not take mallopt settings")
@@ -100,17 +107,7 @@ def test_blocks_above_the_mmap_cap_are_reused_when_heap_only():
         print(mapped, heap)
         """
     )
-    env = {**os.environ, OPT_OUT_ENV: "0"}  # 4 KiB pages: this counts glibc's reuse only
-    env.pop(TORCH_ENV, None)
-    env.pop(RETAIN_ENV, None)
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env=env,
-    ).stdout.split()
+    out = _run_child(script)
     if out[0] == "False":
         pytest.skip("this C library does not take mallopt settings")
     pages = 64 * 2**20 / 4096

@@ -133,16 +133,9 @@ class RowShard:
     def device(self) -> torch.device:
         return self.local.device
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.local.requires_grad
-
     def to(self, target: torch.device | str | torch.dtype) -> RowShard:
         """The same rows on another device or in another dtype."""
         return RowShard(self.local.to(target), self.num_rows, self.split)
-
-    def float(self) -> RowShard:
-        return self.to(torch.float32)
 
     def block(self) -> Tensor:
         """The rows to compute on: the block, inside :func:`split_rows` of this shard's group.
