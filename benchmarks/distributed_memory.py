@@ -7,14 +7,19 @@
 ``--build`` makes :func:`benchmarks.scales.elec_scale`'s CM3 graph inputs (the kNN graphs take
 most of its time) and saves them with the splits and CM3's default configuration. Each
 process count then runs the worker (``torchrun --nproc_per_node P``; one plain process for
-``P = 1``): every process reads the whole file (the loading is not divided), builds CM3 and
+``P = 1``): every process reads the whole file (or maps it, ``--mmap``), builds CM3 and
 its trainer (which keeps only its block of the feature tables' rows,
 :class:`~cm3_pyg.nn.parallel.RowShard`), frees the rest, resets its
 peak resident set (``/proc/self/clear_refs``), trains ``--steps`` steps and reports its
 peak, the bytes of the divided tensors (feature rows, graph row blocks, optimiser state) and
 of the whole ones (parameters and gradients) it holds, and the step time.
 ``--evaluate`` also measures one validation evaluation (each process ranks its block of the
-users) after another reset. Linux only (``/proc``).
+users) after another reset. ``--mmap`` maps the inputs file instead of reading it (as
+:class:`~cm3_pyg.data.MMRecDataset` maps its cache): the tables are then page cache, one copy
+shared by the processes of a machine, and only the rows a process reads become resident in
+it. The resident set then counts those shared file pages too, so every phase also reports
+its private memory (``RssAnon``, sampled every few milliseconds for the peaks) and the file
+pages (``RssFile``). Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +70,37 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+class _PrivatePeak:
+    """The largest ``RssAnon`` (private memory) seen while the block runs, sampled by a
+    thread (torch's kernels release the GIL); ``VmHWM`` cannot tell private pages from the
+    shared pages of a mapped file."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> _PrivatePeak:
+        self.peak_kib = _status_kib("RssAnon")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
+
+    @property
+    def mib(self) -> float:
+        return self.peak_kib / 1024
+
+
 def _reset_peak() -> None:
     # "5" resets VmHWM to the current resident set (Linux >= 4.0)
     Path("/proc/self/clear_refs").write_text("5")
@@ -73,7 +110,7 @@ def _nbytes(tensors: Sequence[Any]) -> int:
     return sum(int(t.numel()) * t.element_size() for t in tensors)
 
 
-def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path) -> None:
+def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -82,32 +119,40 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path) -> Non
     from cm3_pyg.training.distributed import world_from_env
     from cm3_pyg.training.trainer import Trainer, seed_everything
 
-    # read into memory, not mapped: a mapping lives as long as any tensor loaded from it (the
-    # graphs), and its resident pages would count the full feature tables in every process
-    saved = torch.load(inputs_path, weights_only=False)
-    inputs, splits, config = saved["inputs"], saved["splits"], saved["config"]
-    del saved
-    world = world_from_env("cpu")
-    seed_everything(int(config["seed"]))
-    model = CM3.from_config(config, inputs)
-    trainer = Trainer(model, inputs, splits, config, progress=False, world=world)
-    del inputs, model  # the trainer holds what training reads (its feature rows only)
-    gc.collect()
+    with _PrivatePeak() as setup:
+        # read, or mapped: a mapping lives as long as any tensor loaded from it (the graphs),
+        # so the rows a process reads stay resident as shared file pages
+        saved = torch.load(inputs_path, weights_only=False, mmap=mmap)
+        inputs, splits, config = saved["inputs"], saved["splits"], saved["config"]
+        del saved
+        world = world_from_env("cpu")
+        seed_everything(int(config["seed"]))
+        model = CM3.from_config(config, inputs)
+        trainer = Trainer(model, inputs, splits, config, progress=False, world=world)
+        del inputs, model  # the trainer holds what training reads (its feature rows only)
+        gc.collect()
     record: dict[str, Any] = {
         "rank": 0 if world is None else world.rank,
         "world_size": 1 if world is None else world.world_size,
+        "mmap": mmap,
         "setup_rss_mib": _status_kib("VmRSS") / 1024,
         "setup_peak_mib": _status_kib("VmHWM") / 1024,
+        "setup_private_mib": _status_kib("RssAnon") / 1024,
+        "setup_file_mib": _status_kib("RssFile") / 1024,
+        "setup_private_peak_mib": setup.mib,
     }
     features = trainer.inputs.features
     feature_blocks = [f.local if isinstance(f, RowShard) else f for f in features]
     record["feature_rows"] = [int(t.size(0)) for t in feature_blocks]
     record["feature_mib"] = _nbytes(feature_blocks) / MIB
     _reset_peak()
-    start = time.perf_counter()
-    trainer.train_epoch(1, max_batches=steps)
-    record["step_s"] = (time.perf_counter() - start) / steps
+    with _PrivatePeak() as training:
+        start = time.perf_counter()
+        trainer.train_epoch(1, max_batches=steps)
+        record["step_s"] = (time.perf_counter() - start) / steps
     record["train_peak_mib"] = _status_kib("VmHWM") / 1024
+    record["train_private_peak_mib"] = training.mib
+    record["train_file_mib"] = _status_kib("RssFile") / 1024
     ui_adj = trainer.inputs.ui_adj
     blocks = list(ui_adj._row_blocks.values())
     if trainer.inputs.item_adj is not None:
@@ -126,10 +171,12 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path) -> Non
     if evaluate:
         gc.collect()
         _reset_peak()
-        start = time.perf_counter()
-        trainer.evaluate("valid", trainer.embed())
-        record["eval_s"] = time.perf_counter() - start
+        with _PrivatePeak() as evaluation:
+            start = time.perf_counter()
+            trainer.evaluate("valid", trainer.embed())
+            record["eval_s"] = time.perf_counter() - start
         record["eval_peak_mib"] = _status_kib("VmHWM") / 1024
+        record["eval_private_peak_mib"] = evaluation.mib
     every = [record]
     if world is not None:
         every = [None] * world.world_size
@@ -138,12 +185,15 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path) -> Non
         out_json.write_text(json.dumps(every), encoding="utf-8")
 
 
-def launch(nproc: int, inputs_path: Path, steps: int, evaluate: bool, out: Path) -> list[Any]:
+def launch(
+    nproc: int, inputs_path: Path, steps: int, evaluate: bool, out: Path, mmap: bool = False
+) -> list[Any]:
     """One worker run on ``nproc`` processes; every process's record."""
     from benchmarks.distributed_parity import _free_port
 
     args = ["--worker", str(out), "--inputs", str(inputs_path), "--steps", str(steps)]
     args += ["--evaluate"] if evaluate else []
+    args += ["--mmap"] if mmap else []
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
     if nproc == 1:
@@ -161,9 +211,9 @@ def format_table(runs: dict[int, list[dict[str, Any]]]) -> str:
     """Markdown: per process count, the largest per-process figures (rank 0's rows)."""
     lines = [
         "| processes | feature rows per process | feature MiB per process | adjacency blocks "
-        "MiB | parameters + gradients MiB | optimizer state MiB | setup RSS MiB | training "
-        "peak MiB | eval peak MiB | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MiB | parameters + gradients MiB | optimizer state MiB | setup RSS MiB | setup peak "
+        "private MiB | training peak MiB (private) | eval peak MiB (private) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for nproc, records in sorted(runs.items()):
 
@@ -177,8 +227,9 @@ def format_table(runs: dict[int, list[dict[str, Any]]]) -> str:
         lines.append(
             f"| {nproc} | {rows} | {worst('feature_mib', 1)} | {worst('adjacency_block_mib')} | "
             f"{worst('parameter_mib')} | {worst('optimizer_state_mib', 1)} | "
-            f"{worst('setup_rss_mib')} | "
-            f"{worst('train_peak_mib')} | {worst('eval_peak_mib')} | "
+            f"{worst('setup_rss_mib')} | {worst('setup_private_peak_mib')} | "
+            f"{worst('train_peak_mib')} ({worst('train_private_peak_mib')}) | "
+            f"{worst('eval_peak_mib')} ({worst('eval_private_peak_mib')}) | "
             f"{max(r['step_s'] for r in records):.1f} |"
         )
     return "\n".join(lines)
@@ -192,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nproc", default="1,2,4", help="comma-separated process counts")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--evaluate", action="store_true", help="also one validation pass")
+    parser.add_argument("--mmap", action="store_true", help="map the inputs file, not read it")
     parser.add_argument("--out", type=Path, help="write every process's records (JSON)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -203,13 +255,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.worker is not None:
-        worker(args.inputs, args.steps, args.evaluate, args.worker)
+        worker(args.inputs, args.steps, args.evaluate, args.worker, args.mmap)
         return
     runs: dict[int, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in (int(p) for p in args.nproc.split(",")):
             runs[nproc] = launch(
-                nproc, args.inputs, args.steps, args.evaluate, Path(tmp) / f"p{nproc}.json"
+                nproc,
+                args.inputs,
+                args.steps,
+                args.evaluate,
+                Path(tmp) / f"p{nproc}.json",
+                args.mmap,
             )
             print(format_table(runs), flush=True)
     if args.out is not None:

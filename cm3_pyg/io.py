@@ -140,10 +140,11 @@ def _feed(digest: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         flat = obj.detach().cpu().contiguous().reshape(-1)
         digest.update(f"T{flat.dtype}{tuple(obj.shape)}:".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        # a view of the bytes, not a copy: the table may be a mapped file larger than RAM
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
     elif isinstance(obj, np.ndarray):
         digest.update(f"A{obj.dtype}{obj.shape}:".encode())
-        digest.update(np.ascontiguousarray(obj).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(obj).reshape(-1).view(np.uint8)))
     elif isinstance(obj, dict):
         digest.update(f"D{len(obj)}:".encode())
         for key in sorted(obj, key=repr):

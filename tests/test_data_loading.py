@@ -21,7 +21,7 @@ from cm3_pyg.data.mmrec import (
     read_interactions,
 )
 from cm3_pyg.data.synthetic import make_synthetic_arrays, write_mmrec_folder
-from cm3_pyg.errors import DataFormatError
+from cm3_pyg.errors import ConfigError, DataFormatError
 
 DATA_ROOT = Path(
     os.environ.get(
@@ -293,6 +293,36 @@ def test_dataset_round_trip(small_folder: Path) -> None:
     assert "users=60" in repr(ds)
 
 
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mappings (``/proc/self/maps``) hold ``tensor``'s first byte."""
+    address = tensor.data_ptr()
+    files = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(v, 16) for v in fields[0].split("-"))
+        if low <= address < high and len(fields) == 6:
+            files.add(fields[5].strip())
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_dataset_maps_its_cache_by_default_and_reads_it_when_asked(small_folder: Path) -> None:
+    mapped = MMRecDataset(str(small_folder))
+    (cache,) = mapped.processed_paths
+    features = mapped[0]["item"]["x_image"]
+    assert _mapped_files(features) == {str(Path(cache).resolve())}
+    read = MMRecDataset(str(small_folder), mmap=False)
+    copy = read[0]["item"]["x_image"]
+    assert _mapped_files(copy) == set() or str(Path(cache).resolve()) not in _mapped_files(copy)
+    assert torch.equal(features, copy)
+    # copy-on-write: a write to the loaded table changes neither the file nor a new load
+    before = copy[0, 0].item()
+    features[0, 0] = before + 1.0
+    assert MMRecDataset(str(small_folder), mmap=False)[0]["item"]["x_image"][0, 0] == before
+    with pytest.raises(ConfigError, match="mmap: expected True or False"):
+        MMRecDataset(str(small_folder), mmap="yes")  # type: ignore[arg-type]
+
+
 def test_dataset_uses_cache(small_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = MMRecDataset(str(small_folder))[0]
 
@@ -363,8 +393,11 @@ def test_dataset_force_reload(small_folder: Path, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_object"])
 def test_dataset_corrupt_cache_rebuilt(small_folder: Path, damage: str) -> None:
     ds = MMRecDataset(str(small_folder))
-    expected = ds[0][RATES].edge_index
+    expected = ds[0][RATES].edge_index.clone()
     path = Path(ds.processed_paths[0])
+    # the damage is done in place, to the file ds maps: reading ds's tensors after a
+    # truncation would fault (see MMRecDataset's docstring), so ds goes first
+    del ds
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":

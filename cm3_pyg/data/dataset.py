@@ -7,6 +7,16 @@ manual ``force_reload`` is needed after editing inputs, even by an edit that kee
 size and modification time (``cp -p``, ``rsync -a``, tar). Caches are written atomically
 (temporary file + rename), read back with ``torch.load(weights_only=True)`` (never
 unpickling arbitrary objects), and a corrupt one is rebuilt on load.
+
+The cache is memory-mapped by default (``mmap=True``): the tensors are private
+(copy-on-write) mappings of the file, so the feature tables cost page cache, one copy shared
+by every process of a machine that loads the same file, instead of a private copy per
+process; a trainer on several processes then copies only its block of rows
+(:class:`~cm3_pyg.nn.parallel.RowShard`). Writes to a loaded tensor never reach the file.
+Because cm3_pyg only ever replaces a cache by rename (and deleting it is safe too), a running
+process keeps reading the file it mapped. Truncating or rewriting the file in place under a
+running process (no cm3_pyg code does) would end that process with a bus error when it next
+reads a lost page; pass ``mmap=False`` where something else may do that.
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ class MMRecDataset(InMemoryDataset):
         force_reload: rebuild the cache even when a valid one exists.
         duplicates: ``"warn"`` (drop repeated (user, item) rows with a
             :class:`~cm3_pyg.errors.DataWarning`) or ``"error"`` (raise).
+        mmap: map the processed file (shared, paged in on use; the default) instead of
+            reading it into private memory (``False``, e.g. for a cache on a network file
+            system that may vanish while the process runs).
 
     Raises:
         DataFormatError: a missing folder or input file, or malformed inputs (every check
@@ -107,13 +120,17 @@ class MMRecDataset(InMemoryDataset):
         force_reload: bool = False,
         duplicates: str = "warn",
         cache_in_folder: bool = True,
+        mmap: bool = True,
     ) -> None:
         if duplicates not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"duplicate_interactions: expected one of {list(DUPLICATE_POLICIES)}, "
                 f"got {duplicates!r}"
             )
+        if not isinstance(mmap, bool):
+            raise ConfigError(f"mmap: expected True or False, got {mmap!r}")
         self.duplicates = duplicates
+        self.mmap = mmap
         folder = Path(root).expanduser().resolve()
         if not folder.is_dir():
             raise DataFormatError(
@@ -232,7 +249,7 @@ class MMRecDataset(InMemoryDataset):
     def _load_checked(self, path: str) -> None:
         # PyG's own loader retries with weights_only=False (full unpickling) when the safe
         # load fails; the cache sits in a user-writable folder, so never do that.
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=self.mmap)
         if not (isinstance(loaded, tuple) and len(loaded) == 4 and isinstance(loaded[0], dict)):
             raise DataFormatError(f"{path}: processed cache does not hold an MMRec HeteroData")
         if content_digest((loaded[0], loaded[1])) != loaded[3]:

@@ -128,7 +128,9 @@ def cosine_topk(
         raise ValueError(f"features must be finite; row {bad} contains NaN or inf")
 
     xn = _safe_unit_rows(x).to(torch.float32).contiguous()  # [N, d]
-    xn_t = xn.t().contiguous()  # [d, N]
+    # the transposed operand as a view: BLAS reads it in place, so the only full-size
+    # temporary is xn (a contiguous transpose was a second [d, N] copy at loading's peak)
+    xn_t = xn.t()
 
     values = torch.empty(num_rows, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(num_rows, k, dtype=torch.long, device=x.device)
