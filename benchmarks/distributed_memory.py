@@ -19,7 +19,9 @@ users) after another reset. ``--mmap`` maps the inputs file instead of reading i
 shared by the processes of a machine, and only the rows a process reads become resident in
 it. The resident set then counts those shared file pages too, so every phase also reports
 its private memory (``RssAnon``, sampled every few milliseconds for the peaks) and the file
-pages (``RssFile``). Linux only (``/proc``).
+pages (``RssFile``). ``--view`` hands the trainer views of the tables' blocks instead of
+letting it copy them, as :func:`~cm3_pyg.training.run_experiment` does (the run keeps the
+dataset, so the copy would only add the block). Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -110,13 +112,16 @@ def _nbytes(tensors: Sequence[Any]) -> int:
     return sum(int(t.numel()) * t.element_size() for t in tensors)
 
 
-def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: bool) -> None:
+def worker(
+    inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: bool, view: bool
+) -> None:
     import torch
     import torch.distributed as dist
 
     from cm3_pyg.models import CM3
     from cm3_pyg.nn.parallel import RowShard
     from cm3_pyg.training.distributed import world_from_env
+    from cm3_pyg.training.experiment import _feature_blocks
     from cm3_pyg.training.trainer import Trainer, seed_everything
 
     with _PrivatePeak() as setup:
@@ -128,6 +133,8 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: 
         world = world_from_env("cpu")
         seed_everything(int(config["seed"]))
         model = CM3.from_config(config, inputs)
+        if view and world is not None:
+            inputs = _feature_blocks(inputs, world)
         trainer = Trainer(model, inputs, splits, config, progress=False, world=world)
         del inputs, model  # the trainer holds what training reads (its feature rows only)
         gc.collect()
@@ -135,6 +142,7 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: 
         "rank": 0 if world is None else world.rank,
         "world_size": 1 if world is None else world.world_size,
         "mmap": mmap,
+        "view": view,
         "setup_rss_mib": _status_kib("VmRSS") / 1024,
         "setup_peak_mib": _status_kib("VmHWM") / 1024,
         "setup_private_mib": _status_kib("RssAnon") / 1024,
@@ -186,7 +194,13 @@ def worker(inputs_path: Path, steps: int, evaluate: bool, out_json: Path, mmap: 
 
 
 def launch(
-    nproc: int, inputs_path: Path, steps: int, evaluate: bool, out: Path, mmap: bool = False
+    nproc: int,
+    inputs_path: Path,
+    steps: int,
+    evaluate: bool,
+    out: Path,
+    mmap: bool = False,
+    view: bool = False,
 ) -> list[Any]:
     """One worker run on ``nproc`` processes; every process's record."""
     from benchmarks.distributed_parity import _free_port
@@ -194,6 +208,7 @@ def launch(
     args = ["--worker", str(out), "--inputs", str(inputs_path), "--steps", str(steps)]
     args += ["--evaluate"] if evaluate else []
     args += ["--mmap"] if mmap else []
+    args += ["--view"] if view else []
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
     if nproc == 1:
@@ -244,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--evaluate", action="store_true", help="also one validation pass")
     parser.add_argument("--mmap", action="store_true", help="map the inputs file, not read it")
+    parser.add_argument("--view", action="store_true", help="blocks as views, as run_experiment")
     parser.add_argument("--out", type=Path, help="write every process's records (JSON)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -255,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.worker is not None:
-        worker(args.inputs, args.steps, args.evaluate, args.worker, args.mmap)
+        worker(args.inputs, args.steps, args.evaluate, args.worker, args.mmap, args.view)
         return
     runs: dict[int, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.evaluate,
                 Path(tmp) / f"p{nproc}.json",
                 args.mmap,
+                args.view,
             )
             print(format_table(runs), flush=True)
     if args.out is not None:

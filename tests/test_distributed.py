@@ -10,11 +10,14 @@ import torch
 
 from benchmarks.distributed_parity import ALL_MODELS, compare, launch
 from benchmarks.distributed_scaling import Graph, cm3_parameters, cm3_traffic, lightgcn_traffic
+from cm3_pyg.data import make_synthetic
 from cm3_pyg.metrics import FullRankingEvaluator
-from cm3_pyg.models import get_model_class
+from cm3_pyg.models import CM3, get_model_class
 from cm3_pyg.nn import feature_linear, to_adjacency
 from cm3_pyg.nn.parallel import RowShard, RowSplit, active_split, row_bounds, split_rows
+from cm3_pyg.training import load_config
 from cm3_pyg.training.distributed import World, world_from_env
+from cm3_pyg.training.inputs import build_graph_inputs
 
 USERS, ITEMS = 300, 200
 
@@ -91,6 +94,53 @@ def test_gather_rows_pads_short_blocks_and_sums_every_gradient(tmp_path):
         start, end = row_bounds(num_rows, rank, world_size)
         assert torch.equal(got["full"], table)
         assert torch.equal(got["grad"], total[start:end])
+
+
+def _knn_worker(rank: int, world_size: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from cm3_pyg.training.distributed import divided_cosine_topk
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        data = make_synthetic(num_users=30, num_items=21, seed=0)
+        x = data["item"]["x_image"]
+        split = RowSplit(rank, world_size)
+        values, indices = divided_cosine_topk(x, 4, block_size=2, split=split)
+        # and through the inputs a run builds (kNN of both modalities, combined)
+        inputs = build_graph_inputs(
+            data, load_config(CM3.default_config()), world=World(rank, world_size)
+        )
+        item_adj = inputs.item_adj
+        torch.save(
+            {"values": values, "indices": indices, "item_adj": item_adj.to_dense()},
+            f"{out}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_divided_knn_search_finds_the_single_process_neighbours(tmp_path):
+    """21 items on 4 processes (11 blocks of 2 query rows: shares of 6, 6, 6 and 3 rows):
+    every process ends with exactly the neighbours, similarities and item graph of the
+    undivided search."""
+    import torch.multiprocessing as mp
+
+    from cm3_pyg.data.graphs import cosine_topk
+
+    world_size = 4
+    out = str(tmp_path / "result")
+    mp.spawn(
+        _knn_worker, args=(world_size, str(tmp_path / "store"), out), nprocs=world_size, join=True
+    )
+    data = make_synthetic(num_users=30, num_items=21, seed=0)
+    values, indices = cosine_topk(data["item"]["x_image"], 4, block_size=2)
+    item_adj = build_graph_inputs(data, load_config(CM3.default_config())).item_adj
+    for rank in range(world_size):
+        got = torch.load(f"{out}.{rank}")
+        assert torch.equal(got["values"], values) and torch.equal(got["indices"], indices)
+        assert torch.equal(got["item_adj"], item_adj.to_dense())
 
 
 def _optimizer_worker(rank: int, world_size: int, store_path: str, out: str) -> None:
@@ -238,6 +288,27 @@ def test_a_row_shard_holds_its_block_and_stands_for_the_table():
         feature_linear(shard, weight, bias)
     with pytest.raises(ValueError, match=r"holds rows \[0, 4\) of 7, got a block of shape \[3"):
         RowShard(table[:3], 7, RowSplit(0, 2))
+
+
+def test_a_run_hands_its_trainer_views_of_the_feature_blocks():
+    """run_experiment keeps the dataset (and its full tables) to the end, so each process's
+    block is a view of the table, not a copy beside it."""
+    from cm3_pyg.training.experiment import _feature_blocks
+
+    data = make_synthetic(num_users=30, num_items=21, seed=0)
+    inputs = build_graph_inputs(data, load_config(CM3.default_config()), uses_item_graph=True)
+    for rank in range(2):
+        blocks = _feature_blocks(inputs, World(rank, 2))
+        for table, shard in zip(inputs.features, blocks.features, strict=True):
+            assert isinstance(shard, RowShard) and shard.num_rows == 21
+            start, end = row_bounds(21, rank, 2)
+            assert torch.equal(shard.local, table[start:end])
+            assert shard.local.data_ptr() == table[start].data_ptr()  # the same memory
+            assert shard.local.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+        assert _feature_blocks(blocks, World(rank, 2)).features == blocks.features  # kept
+    view = RowShard.view(inputs.features[0], RowSplit(1, 2))
+    copy = RowShard.of(inputs.features[0], RowSplit(1, 2))
+    assert torch.equal(view.local, copy.local) and view.local.data_ptr() != copy.local.data_ptr()
 
 
 @pytest.mark.parametrize("backend", ["csr", "edge_index"])

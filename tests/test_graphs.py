@@ -88,6 +88,28 @@ def test_cosine_topk_block_size_does_not_change_result() -> None:
     assert torch.equal(again, cosine_topk(x, 4, block_size=5)[1]), "deterministic"
 
 
+def test_cosine_topk_of_some_rows_is_those_rows_of_the_full_search() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 6, generator=gen)
+    values, indices = cosine_topk(x, 5, block_size=4)
+    # rows on block boundaries (multiples of 4, or the end): the full call's products
+    for rows in ((0, 37), (0, 12), (12, 24), (24, 37), (36, 37)):
+        part_values, part_indices = cosine_topk(x, 5, block_size=4, rows=rows)
+        assert torch.equal(part_values, values[rows[0] : rows[1]])
+        assert torch.equal(part_indices, indices[rows[0] : rows[1]])
+    # anywhere else: the same neighbours, similarities up to rounding
+    for rows in ((3, 17), (10, 23)):
+        for block_size in (1, 5, 100):
+            part_values, part_indices = cosine_topk(x, 5, block_size=block_size, rows=rows)
+            torch.testing.assert_close(part_values, values[rows[0] : rows[1]])
+            assert torch.equal(part_indices, indices[rows[0] : rows[1]])
+    empty_values, empty_indices = cosine_topk(x, 5, rows=(37, 37))
+    assert empty_values.shape == (0, 5) and empty_indices.shape == (0, 5)
+    for bad in ((-1, 3), (4, 2), (0, 38), (0.0, 3), (True, 3)):
+        with pytest.raises(ValueError, match=r"rows must be \(start, stop\) with 0 <= start"):
+            cosine_topk(x, 5, rows=bad)  # type: ignore[arg-type]
+
+
 def test_cosine_topk_zero_rows_and_extreme_scales_are_finite() -> None:
     x = torch.tensor(
         [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1e-30, 1e-30, 0.0], [1e30, 0.0, 1e30]]

@@ -80,6 +80,7 @@ def cosine_topk(
     x: Tensor,
     k: int,
     block_size: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The ``k`` most cosine-similar rows of every row of ``x``, the row itself included.
 
@@ -102,10 +103,16 @@ def cosine_topk(
         k: Number of neighbours, :math:`1 \le k \le N`.
         block_size: Query rows per block; default keeps one block under
             :data:`DEFAULT_BLOCK_BYTES` (see :func:`default_block_size`).
+        rows: ``(start, stop)``: only these query rows (their neighbours still range over
+            every row), e.g. one process's share; the default is all ``N``. The blocks
+            start at ``start``, so with ``start`` a multiple of ``block_size`` (and ``stop``
+            one too, or ``N``) every block product, and so every row's result, is bit for
+            bit the full call's; otherwise a product of other shape may round differently.
 
     Returns:
-        ``(values, indices)``: float32 ``[N, k]`` similarities in descending order per row
-        and the int64 ``[N, k]`` column indices they belong to.
+        ``(values, indices)``: float32 ``[R, k]`` similarities in descending order per row
+        and the int64 ``[R, k]`` column indices they belong to (``R = stop - start``, ``N``
+        by default).
 
     Raises:
         ValueError: if ``x`` is not 2-D, contains NaN/inf, ``k`` is out of range or
@@ -120,6 +127,17 @@ def cosine_topk(
         block_size = default_block_size(num_rows)
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    first, last = (0, num_rows) if rows is None else rows
+    if not (
+        isinstance(first, int)
+        and isinstance(last, int)
+        and not isinstance(first, bool)
+        and not isinstance(last, bool)
+        and 0 <= first <= last <= num_rows
+    ):
+        raise ValueError(
+            f"rows must be (start, stop) with 0 <= start <= stop <= {num_rows}, got {rows!r}"
+        )
 
     if not x.is_floating_point():
         x = x.to(torch.float32)
@@ -132,14 +150,14 @@ def cosine_topk(
     # temporary is xn (a contiguous transpose was a second [d, N] copy at loading's peak)
     xn_t = xn.t()
 
-    values = torch.empty(num_rows, k, dtype=torch.float32, device=x.device)
-    indices = torch.empty(num_rows, k, dtype=torch.long, device=x.device)
-    for start in range(0, num_rows, block_size):
-        stop = min(start + block_size, num_rows)
+    values = torch.empty(last - first, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(last - first, k, dtype=torch.long, device=x.device)
+    for start in range(first, last, block_size):
+        stop = min(start + block_size, last)
         sim = torch.mm(xn[start:stop], xn_t)  # [block, N]
         top = torch.topk(sim, k, dim=1, largest=True, sorted=True)
-        values[start:stop] = top.values
-        indices[start:stop] = top.indices
+        values[start - first : stop - first] = top.values
+        indices[start - first : stop - first] = top.indices
         del sim, top
     return values, indices
 

@@ -5,7 +5,7 @@ See ``docs/architecture.md`` for the layout these read and write.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -56,6 +56,10 @@ class ModalityKNNGraph(BaseTransform):
             ``'image'`` (the training default, 0.1, is the reference's); ``None`` for
             uniform weights. Checked by :func:`~cm3_pyg.data.graphs.modality_weights`.
         block_size: Rows per similarity block (default: ~256 MiB per block).
+        topk: The neighbour search, called as ``topk(x, k, block_size=...)`` with
+            :func:`~cm3_pyg.data.graphs.cosine_topk`'s contract (the default); e.g.
+            :func:`cm3_pyg.training.distributed.divided_cosine_topk`, which divides the
+            query rows among processes.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ModalityKNNGraph(BaseTransform):
         weights: Mapping[str, float] | None = None,
         mm_image_weight: float | None = None,
         block_size: int | None = None,
+        topk: Callable[..., tuple[Tensor, Tensor]] = cosine_topk,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k must be a positive int, got {k!r}")
@@ -77,6 +82,7 @@ class ModalityKNNGraph(BaseTransform):
         self.weights = weights  # anything else is refused by modality_weights
         self.mm_image_weight = mm_image_weight
         self.block_size = block_size
+        self.topk = topk
 
     def forward(self, data: HeteroData) -> HeteroData:
         """Compute and attach the per-modality and combined item-item graphs.
@@ -133,7 +139,7 @@ class ModalityKNNGraph(BaseTransform):
                     raise ConfigError(
                         f"k={self.k} (config key 'knn_k') exceeds the number of items ({num_items})"
                     )
-                _, idx = cosine_topk(x, self.k, block_size=self.block_size)
+                _, idx = self.topk(x, self.k, block_size=self.block_size)
                 edge_index, edge_weight = knn_normalized_adjacency(idx, num_items)
             else:
                 edge_index, edge_weight = self._graph_of_kept_rows(x, keep, m)
@@ -159,7 +165,7 @@ class ModalityKNNGraph(BaseTransform):
         kept = keep.nonzero().flatten()
         if self.k > kept.numel():
             raise ConfigError(f"k={self.k} exceeds the {kept.numel()} items left in modality {m!r}")
-        _, idx = cosine_topk(x.index_select(0, kept), self.k, block_size=self.block_size)
+        _, idx = self.topk(x.index_select(0, kept), self.k, block_size=self.block_size)
         local_index, edge_weight = knn_normalized_adjacency(idx, kept.numel())
         # ``kept`` is increasing, so the mapped graph stays sorted by row, then column.
         return kept[local_index], edge_weight

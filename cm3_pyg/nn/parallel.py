@@ -111,6 +111,14 @@ class RowShard:
         start, end = split.bounds(table.size(0))
         return cls(table[start:end].clone(), table.size(0), split)
 
+    @classmethod
+    def view(cls, table: Tensor, split: RowSplit) -> RowShard:
+        """This process's rows of ``table`` as a view, for a caller that keeps the full table
+        alive anyway (a copy would only add the block). Of a memory-mapped table the rows stay
+        shared file pages."""
+        start, end = split.bounds(table.size(0))
+        return cls(table[start:end], table.size(0), split)
+
     @property
     def start(self) -> int:
         return self.split.bounds(self.num_rows)[0]
@@ -252,11 +260,29 @@ def active_split() -> RowSplit | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
-def all_gather_blocks(local: Tensor, num_rows: int, split: RowSplit, count: bool = True) -> Tensor:
+def all_gather_blocks(
+    local: Tensor,
+    num_rows: int,
+    split: RowSplit,
+    count: bool = True,
+    stride: int | None = None,
+) -> Tensor:
     """The ``[num_rows, ...]`` table from every process's block ``local`` (its rows
     :meth:`RowSplit.bounds`), not differentiable. Counted as a gather (:class:`Traffic`)
-    unless ``count`` is false (traffic outside the training step, e.g. a checkpoint)."""
-    stride = -(-num_rows // split.world_size)
+    unless ``count`` is false (traffic outside the training step, e.g. a checkpoint).
+    ``stride`` (at least ``ceil(num_rows / P)``) gives other equal-stride blocks: process
+    ``r`` then holds rows ``[r stride, min((r + 1) stride, num_rows))``."""
+    least = -(-num_rows // split.world_size)
+    if stride is None:
+        stride = least
+    elif stride < least:
+        raise ValueError(f"all_gather_blocks: stride {stride} < ceil({num_rows} / P) = {least}")
+    start = min(split.rank * stride, num_rows)
+    if local.size(0) != min(start + stride, num_rows) - start:
+        raise ValueError(
+            f"all_gather_blocks: process {split.rank} of {split.world_size} holds rows "
+            f"[{start}, {min(start + stride, num_rows)}), got {local.size(0)} rows"
+        )
     # collectives want equal blocks: only the last blocks are short, padded with zeros
     if local.size(0) < stride:
         local = _pad_rows(local, stride)

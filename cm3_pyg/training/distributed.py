@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cm3_pyg.data.graphs import cosine_topk, default_block_size
 from cm3_pyg.errors import ConfigError
 from cm3_pyg.metrics import FullRankingEvaluator, RankingSums
 from cm3_pyg.nn.parallel import (
@@ -41,7 +42,7 @@ from cm3_pyg.nn.parallel import (
     row_bounds,
 )
 
-__all__ = ["DividedOptimizer", "World", "world_from_env"]
+__all__ = ["DividedOptimizer", "World", "divided_cosine_topk", "world_from_env"]
 
 logger = logging.getLogger("cm3_pyg")
 
@@ -328,6 +329,30 @@ class DividedOptimizer:
 
 
 _WORLD: World | None = None
+
+
+def divided_cosine_topk(
+    x: Tensor, k: int, block_size: int | None = None, *, split: RowSplit
+) -> tuple[Tensor, Tensor]:
+    """:func:`~cm3_pyg.data.graphs.cosine_topk` of every row, each process searching only
+    for its share of the query rows and the shares all-gathered: on every process the
+    undivided call's ``[N, k]`` result, bit for bit, for about ``1 / P`` of the similarity
+    products each. The shares are whole blocks of ``block_size`` rows (the same default as
+    the undivided call), so every block product is the one the undivided call forms. Every
+    process must call it with the same ``x`` (a bad ``x`` fails on all of them alike, before
+    any exchange). Not counted as training traffic."""
+    num_rows = x.size(0) if x.dim() > 0 else 0
+    if block_size is None and num_rows > 0:
+        block_size = default_block_size(num_rows)
+    blocks = -(-num_rows // block_size) if block_size else 0  # a bad size fails below
+    stride = -(-blocks // split.world_size) * block_size if blocks else 0
+    start = min(split.rank * stride, num_rows)
+    end = min(start + stride, num_rows)
+    values, indices = cosine_topk(x, k, block_size=block_size, rows=(start, end))
+    return (
+        all_gather_blocks(values, num_rows, split, count=False, stride=stride),
+        all_gather_blocks(indices, num_rows, split, count=False, stride=stride),
+    )
 
 
 def world_from_env(configured_device: str = "cpu") -> World | None:

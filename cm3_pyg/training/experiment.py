@@ -27,6 +27,7 @@ from cm3_pyg.io import FolderLock, atomic_write_text
 from cm3_pyg.metrics import METRIC_NAMES, FullRankingEvaluator, popularity_scores
 from cm3_pyg.models import get_model_class
 from cm3_pyg.models.base import GraphInputs
+from cm3_pyg.nn.parallel import RowShard
 from cm3_pyg.nn.sparse import SparseAdjacency
 from cm3_pyg.training.artifact import ARTIFACT_NAME, Artifact, load_artifact, save_artifact
 from cm3_pyg.training.checkpoint import (
@@ -228,7 +229,9 @@ def _run_experiment(
     source_hash = content_hash(data)  # what the run read, before any hold-out
     data = apply_cold_items(data, config, model_cls)
     seed_everything(int(config["seed"]))
-    inputs = build_graph_inputs(data, config, uses_item_graph=model_cls.uses_item_graph)
+    inputs = build_graph_inputs(
+        data, config, uses_item_graph=model_cls.uses_item_graph, world=world
+    )
     if world is not None:
         inputs = _same_kernels(inputs, world)
     if len(inputs.features) < model_cls.min_modalities:
@@ -284,6 +287,8 @@ def _run_experiment(
             trainer=trainer_state,
         )
 
+    if world is not None and model_cls.row_local_features:
+        inputs = _feature_blocks(inputs, world)
     trainer = Trainer(
         model,
         inputs,
@@ -415,6 +420,19 @@ def _run_experiment(
     if failure is not None:
         raise failure
     return metrics
+
+
+def _feature_blocks(inputs: GraphInputs, world: World) -> GraphInputs:
+    """``inputs`` with each feature table replaced by this process's block of rows as a view
+    (:meth:`~cm3_pyg.nn.parallel.RowShard.view`): the run keeps ``data``, which holds the full
+    tables, to its end, so the trainer's copy of the block would only add to it (and of a
+    mapped cache, the view's rows stay shared file pages)."""
+    return replace(
+        inputs,
+        features=[
+            f if isinstance(f, RowShard) else RowShard.view(f, world.split) for f in inputs.features
+        ],
+    )
 
 
 def _same_kernels(inputs: GraphInputs, world: World) -> GraphInputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from cm3_pyg.errors import ConfigError, DataFormatError
 from cm3_pyg.models.base import GraphInputs
 from cm3_pyg.nn.sparse import to_adjacency
 from cm3_pyg.training.config import training_defaults
+from cm3_pyg.training.distributed import World, divided_cosine_topk
 
 RATES = ("user", "rates", "item")
 
@@ -59,11 +61,15 @@ def build_graph_inputs(
     data: HeteroData,
     config: Mapping[str, Any],
     uses_item_graph: bool = True,
+    world: World | None = None,
 ) -> GraphInputs:
     """Normalised adjacencies (built once) and feature tensors for a model.
 
     Reads ``knn_k``, ``mm_image_weight``, ``modality_weights``, ``modalities`` and
-    ``sparse_backend`` from ``config``; keys it lacks take the training defaults.
+    ``sparse_backend`` from ``config``; keys it lacks take the training defaults. With a
+    ``world`` (every process calls it with the same data) the item kNN search is divided
+    among the processes (:func:`~cm3_pyg.training.distributed.divided_cosine_topk`); the
+    graphs are the same.
     """
     config = {**training_defaults(), **config}
     modalities = select_modalities(data, config["modalities"])
@@ -91,6 +97,11 @@ def build_graph_inputs(
             k=int(config["knn_k"]),
             weights=config["modality_weights"],
             mm_image_weight=config["mm_image_weight"],
+            **(
+                {}
+                if world is None
+                else {"topk": functools.partial(divided_cosine_topk, split=world.split)}
+            ),
         )(view)
         store = knn["item", "mm_knn", "item"]
         item_adj = to_adjacency(store.edge_index, store.edge_weight, num_items, backend=backend)
