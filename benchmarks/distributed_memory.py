@@ -30,12 +30,11 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +120,6 @@ def worker(
     from cm3_pyg.models import CM3
     from cm3_pyg.nn.parallel import RowShard
     from cm3_pyg.training.distributed import world_from_env
-    from cm3_pyg.training.experiment import _feature_blocks
     from cm3_pyg.training.trainer import Trainer, seed_everything
 
     with _PrivatePeak() as setup:
@@ -133,8 +131,10 @@ def worker(
         world = world_from_env("cpu")
         seed_everything(int(config["seed"]))
         model = CM3.from_config(config, inputs)
-        if view and world is not None:
-            inputs = _feature_blocks(inputs, world)
+        if view and world is not None:  # as run_experiment
+            inputs = replace(
+                inputs, features=RowShard.of_each(inputs.features, world.split, copy=False)
+            )
         trainer = Trainer(model, inputs, splits, config, progress=False, world=world)
         del inputs, model  # the trainer holds what training reads (its feature rows only)
         gc.collect()
@@ -203,23 +203,14 @@ def launch(
     view: bool = False,
 ) -> list[Any]:
     """One worker run on ``nproc`` processes; every process's record."""
-    from benchmarks.distributed_parity import _free_port
+    from benchmarks.distributed_parity import run_module
 
     args = ["--worker", str(out), "--inputs", str(inputs_path), "--steps", str(steps)]
     args += ["--evaluate"] if evaluate else []
     args += ["--mmap"] if mmap else []
     args += ["--view"] if view else []
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if nproc == 1:
-        command = [sys.executable, "-m", "benchmarks.distributed_memory", *args]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), "-m", "benchmarks.distributed_memory", *args,
-        ]  # fmt: skip
-    subprocess.run(command, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.read_text(encoding="utf-8"))
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return run_module(nproc, "benchmarks.distributed_memory", args, out, env=threads)
 
 
 def format_table(runs: dict[int, list[dict[str, Any]]]) -> str:

@@ -149,23 +149,30 @@ def launch(
         str(folder),
         *(["--resume"] if resume else []),
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return run_module(nproc, "benchmarks.distributed_parity", args, out)
+
+
+def run_module(
+    nproc: int,
+    module: str,
+    args: Sequence[str],
+    out: Path,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """Run ``python -m module *args`` on ``nproc`` processes (``torchrun --nproc_per_node``
+    on a free port; ``1``: one plain process, no torchrun) from the repository root, with
+    this process's environment less any torchrun variables, plus ``env``; the JSON the
+    worker wrote to ``out``."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(env or {})
     if nproc == 1:
-        command = [sys.executable, "-m", "benchmarks.distributed_parity", *args]
+        command = [sys.executable, "-m", module, *args]
     else:
         command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "benchmarks.distributed_parity",
-            *args,
-        ]
-    subprocess.run(command, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port()), "-m", module, *args,
+        ]  # fmt: skip
+    subprocess.run(command, check=True, env=environ, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.read_text(encoding="utf-8"))
 
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -67,21 +64,13 @@ def worker(out: Path, items: int, dim: int, k: int, repeats: int) -> None:
 
 
 def launch(nproc: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    from benchmarks.distributed_parity import _free_port
+    from benchmarks.distributed_parity import run_module
 
     worker_args = ["--worker", str(out), "--items", str(args.items), "--dim", str(args.dim)]
     worker_args += ["--k", str(args.k), "--repeats", str(args.repeats)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    if nproc == 1:
-        command = [sys.executable, "-m", "benchmarks.divided_knn", *worker_args]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), "-m", "benchmarks.divided_knn", *worker_args,
-        ]  # fmt: skip
-    subprocess.run(command, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.read_text(encoding="utf-8"))
+    return run_module(
+        nproc, "benchmarks.divided_knn", worker_args, out, env={"OMP_NUM_THREADS": "1"}
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -292,20 +292,18 @@ def test_a_row_shard_holds_its_block_and_stands_for_the_table():
 
 def test_a_run_hands_its_trainer_views_of_the_feature_blocks():
     """run_experiment keeps the dataset (and its full tables) to the end, so each process's
-    block is a view of the table, not a copy beside it."""
-    from cm3_pyg.training.experiment import _feature_blocks
-
+    block is a view of the table (RowShard.of_each(copy=False)), not a copy beside it."""
     data = make_synthetic(num_users=30, num_items=21, seed=0)
     inputs = build_graph_inputs(data, load_config(CM3.default_config()), uses_item_graph=True)
     for rank in range(2):
-        blocks = _feature_blocks(inputs, World(rank, 2))
-        for table, shard in zip(inputs.features, blocks.features, strict=True):
+        blocks = RowShard.of_each(inputs.features, World(rank, 2).split, copy=False)
+        for table, shard in zip(inputs.features, blocks, strict=True):
             assert isinstance(shard, RowShard) and shard.num_rows == 21
             start, end = row_bounds(21, rank, 2)
             assert torch.equal(shard.local, table[start:end])
             assert shard.local.data_ptr() == table[start].data_ptr()  # the same memory
             assert shard.local.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
-        assert _feature_blocks(blocks, World(rank, 2)).features == blocks.features  # kept
+        assert RowShard.of_each(blocks, World(rank, 2).split) == blocks  # kept as they are
     view = RowShard.view(inputs.features[0], RowSplit(1, 2))
     copy = RowShard.of(inputs.features[0], RowSplit(1, 2))
     assert torch.equal(view.local, copy.local) and view.local.data_ptr() != copy.local.data_ptr()

@@ -26,7 +26,7 @@ This module knows nothing of training; :mod:`cm3_pyg.training.distributed` sets 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,15 @@ class RowShard:
         shared file pages."""
         start, end = split.bounds(table.size(0))
         return cls(table[start:end], table.size(0), split)
+
+    @classmethod
+    def of_each(
+        cls, tables: Sequence[Tensor | RowShard], split: RowSplit, copy: bool = True
+    ) -> list[RowShard]:
+        """Every table as this process's rows (those already a ``RowShard`` as they are):
+        copied (:meth:`of`) or, with ``copy=False``, views (:meth:`view`)."""
+        make = cls.of if copy else cls.view
+        return [t if isinstance(t, RowShard) else make(t, split) for t in tables]
 
     @property
     def start(self) -> int:

@@ -288,7 +288,11 @@ def _run_experiment(
         )
 
     if world is not None and model_cls.row_local_features:
-        inputs = _feature_blocks(inputs, world)
+        # views, not the trainer's copies: this run keeps ``data``, which holds the full
+        # tables, to its end, so a copy would only add the block (and of a mapped cache the
+        # view's rows stay shared file pages)
+        features = RowShard.of_each(inputs.features, world.split, copy=False)
+        inputs = replace(inputs, features=features)
     trainer = Trainer(
         model,
         inputs,
@@ -420,19 +424,6 @@ def _run_experiment(
     if failure is not None:
         raise failure
     return metrics
-
-
-def _feature_blocks(inputs: GraphInputs, world: World) -> GraphInputs:
-    """``inputs`` with each feature table replaced by this process's block of rows as a view
-    (:meth:`~cm3_pyg.nn.parallel.RowShard.view`): the run keeps ``data``, which holds the full
-    tables, to its end, so the trainer's copy of the block would only add to it (and of a
-    mapped cache, the view's rows stay shared file pages)."""
-    return replace(
-        inputs,
-        features=[
-            f if isinstance(f, RowShard) else RowShard.view(f, world.split) for f in inputs.features
-        ],
-    )
 
 
 def _same_kernels(inputs: GraphInputs, world: World) -> GraphInputs:

@@ -215,13 +215,7 @@ class Trainer:
             world.broadcast_state(self.model)
         if self.split is not None and model.row_local_features:
             # this process's rows before the copy to the device: a GPU holds only its block
-            inputs = replace(
-                inputs,
-                features=[
-                    f if isinstance(f, RowShard) else RowShard.of(f, self.split)
-                    for f in inputs.features
-                ],
-            )
+            inputs = replace(inputs, features=RowShard.of_each(inputs.features, self.split))
         self.inputs = inputs.to(self.device)
         self.splits = splits.to(self.device)
         self.on_epoch_end = on_epoch_end
